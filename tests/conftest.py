@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random models saved as HF checkpoints (no downloads)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = ("the of and to in is was for on that with as by at from his an were are which this be "
+         "river city music people water time year government school market north game light").split()
+
+
+def make_tokenizer(path: Path):
+    """A small word-level tokenizer with a chat template, built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    for i in range(200):
+        vocab.setdefault(f"w{i}", len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tok.save_pretrained(path)
+    return tok
+
+
+def make_text(n_words: int = 4000, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (n_words,), generator=g).tolist()
+    return " ".join(WORDS[i] for i in idx)
+
+
+def make_tiny_model(path: Path, arch: str = "llama", hidden: int = 96, layers: int = 2, inter: int = 160,
+                    seed: int = 0, dtype=torch.bfloat16) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    cfg = cls(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(make_text(6000, seed=1))
+    return p
