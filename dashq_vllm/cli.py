@@ -74,6 +74,10 @@ def _resolve_model(name: str) -> Path:
     p = Path(name)
     if p.exists():
         return p
+    if os.sep in name or name.startswith("."):
+        from dashq_vllm.quantize.calibration import QuantizeError
+
+        raise QuantizeError(f"{name}: model directory not found")
     from dashq_vllm.quantize.assets import resolve_model
 
     return resolve_model(name)

@@ -19,6 +19,7 @@ FAST = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
 
 
 def run_cli(args, capsys):
+    capsys.readouterr()  # drop what fixtures printed
     code = cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
@@ -26,7 +27,8 @@ def run_cli(args, capsys):
 
 def one_line_error(code, err):
     assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if not l.startswith(("Loading", "Writing", "[transformers]"))]
+    lines = [l for l in err.strip().splitlines()
+             if l.strip() and "it/s]" not in l and not l.startswith(("Loading", "Writing", "[transformers]"))]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
