@@ -9,8 +9,8 @@ set -euo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 NS=${1:-128,2}
 if [ ! -d /tmp/smol-hf ]; then
-  cat /tmp/stage/smolpart0 .gpuq/p2/smolpart1 > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf 2>/dev/null || {
-    mkdir -p /tmp/smol; cat /tmp/stage/smolpart0 .gpuq/p2/smolpart1 > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf; }
+  mkdir -p /tmp/smol
+  cat /tmp/stage/smolpart0 .gpuq/p2/smolpart1 > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/smol/*.gguf
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .gpuq/p2/gguf-*.whl . 2>&1 | grep -v -i warn || true
   export PYTHONPATH=/tmp/site
