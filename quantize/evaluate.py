@@ -4,8 +4,9 @@ Zero-shot scoring follows lm-evaluation-harness (v0.4) conventions, re-implement
 lm-eval cannot fetch its datasets offline: each choice is scored by the summed log-probability of
 its continuation tokens given the context (the context/continuation split is made as lm-eval's
 HFLM does: encode context+continuation, take the tokens past the context's encoding, trailing
-spaces of the context moved to the continuation); ``acc`` picks the highest sum, ``acc_norm`` the
-highest sum divided by the continuation's length in characters. Winogrande uses partial scoring:
+spaces of the context moved to the continuation), the continuation being lm-eval's target delimiter
+" " followed by the choice; ``acc`` picks the highest sum, ``acc_norm`` the highest sum divided by
+the choice's length in characters (without the delimiter). Winogrande uses partial scoring:
 the same continuation after each option-filled context.
 """
 
@@ -26,7 +27,7 @@ def perplexity(model, tok, text: str, seqlen: int = 2048, max_windows: int | Non
                progress: bool = True) -> dict:
     """Perplexity over non-overlapping ``seqlen``-token windows of ``text`` (the GPTQ-paper
     protocol); ``max_windows`` limits the amount of text for speed."""
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     n = ids.numel() // seqlen
     if max_windows:
         n = min(n, max_windows)
@@ -83,21 +84,19 @@ def loglikelihoods(model, tok, pairs: list[tuple[str, str]]) -> list[float]:
     return out
 
 
-def _continuation(choice: str) -> str:
-    return choice if choice[:1].isspace() else " " + choice
+TARGET_DELIMITER = " "  # lm-eval's default target_delimiter, always prepended to a choice
 
 
 def score_doc(model, tok, doc: dict) -> tuple[bool, bool]:
     """(acc, acc_norm) correctness of one task doc."""
     if "contexts" in doc:  # winogrande: partial evaluation
-        cont = _continuation(doc["continuation"])
+        cont = TARGET_DELIMITER + doc["continuation"]
         lls = loglikelihoods(model, tok, [(c, cont) for c in doc["contexts"]])
         best = max(range(len(lls)), key=lls.__getitem__)
         return best == doc["gold"], best == doc["gold"]
-    conts = [_continuation(c) for c in doc["choices"]]
-    lls = loglikelihoods(model, tok, [(doc["context"], c) for c in conts])
+    lls = loglikelihoods(model, tok, [(doc["context"], TARGET_DELIMITER + c) for c in doc["choices"]])
     best = max(range(len(lls)), key=lls.__getitem__)
-    norm = [ll / max(len(c), 1) for ll, c in zip(lls, conts)]
+    norm = [ll / max(len(c), 1) for ll, c in zip(lls, doc["choices"])]  # lm-eval: length without delimiter
     best_norm = max(range(len(norm)), key=norm.__getitem__)
     return best == doc["gold"], best_norm == doc["gold"]
 

@@ -178,7 +178,7 @@ def calibration_samples(tok, opts: QuantizeOptions) -> torch.Tensor:
         raise QuantizeError(f"calibration text {opts.calib!r}: {e}") from None
     if not text.strip():
         raise QuantizeError(f"calibration text {opts.calib!r} is empty")
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
     return token_windows(ids, opts.nsamples, opts.seqlen, opts.seed)
 
 

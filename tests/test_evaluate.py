@@ -44,7 +44,7 @@ def test_score_doc_acc_and_acc_norm(model_tok, monkeypatch):
     lls = [evaluate.loglikelihoods(model, tok, [(doc["context"], " " + c)])[0] for c in doc["choices"]]
     acc, acc_norm = evaluate.score_doc(model, tok, doc)
     assert acc == (lls[0] >= lls[1])
-    norm = [ll / len(" " + c) for ll, c in zip(lls, doc["choices"])]
+    norm = [ll / len(c) for ll, c in zip(lls, doc["choices"])]
     assert acc_norm == (norm[0] >= norm[1])
     wino = {"contexts": ["the river", "the city"], "continuation": "is water", "gold": 1}
     a, an = evaluate.score_doc(model, tok, wino)
