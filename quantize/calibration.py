@@ -112,16 +112,40 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 
 def collect_stats(block: nn.Module, inputs: BlockInputs, full_gram: bool) -> dict[str, ActivationStats]:
-    """One forward pass of the block over all samples with hooks on every linear."""
+    """One forward pass of the block over all samples with hooks on every linear.
+
+    Linears fed the very same input tensor as the linear called just before them (q/k/v,
+    gate/up) share one accumulator instead of recomputing identical statistics."""
+    linears = block_linears(block)
     stats: dict[str, ActivationStats] = {}
-    handles = []
-    for name, lin in block_linears(block).items():
-        st = ActivationStats(lin.in_features, lin.weight.device, full_gram)
-        stats[name] = st
-        handles.append(lin.register_forward_hook(lambda _m, args, _o, st=st: st.add(args[0])))
+    owner: dict[str, str] = {}  # linear -> the linear whose accumulator it shares
+    last: dict = {"x": None, "name": None}  # holding x keeps its memory from being reused
+
+    def hook(name: str, lin: nn.Linear):
+        def record(_m, args, _o):
+            x = args[0]
+            if name not in owner:
+                owner[name] = last["name"] if x is last["x"] else name
+            last["x"], last["name"] = x, name
+            if owner[name] == name:
+                if name not in stats:
+                    stats[name] = ActivationStats(lin.in_features, lin.weight.device, full_gram)
+                stats[name].add(x)
+        return record
+
+    handles = [lin.register_forward_hook(hook(n, lin)) for n, lin in linears.items()]
     try:
         run_block(block, inputs)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    missing = [n for n in linears if n not in owner]
+    if missing:
+        raise QuantizeError(f"linear layers never called during calibration: {', '.join(missing)}")
+    return {n: stats[_root(owner, n)] for n in linears}
+
+
+def _root(owner: dict[str, str], name: str) -> str:
+    while owner[name] != name:
+        name = owner[name]
+    return name

@@ -110,3 +110,28 @@ def test_gptq_reduces_output_error_vs_rtn():
     err_rtn = ((x @ (w - wr).T) ** 2).sum()
     assert err_gptq < err_rtn
     assert int(res.codes.max()) <= 7
+
+
+def test_collect_stats_shares_identical_inputs_and_matches_direct_sums():
+    from torch import nn
+
+    from dashq_vllm.quantize.calibration import BlockInputs, collect_stats
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o(self.q(x) + self.k(x).repeat(1, 1, 2))
+
+    blk = Block()
+    xs = [torch.randn(1, 5, 8) for _ in range(3)]
+    st = collect_stats(blk, BlockInputs(xs), full_gram=True)
+    assert st["q"] is st["k"] and st["o"] is not st["q"]
+    x = torch.cat(xs).reshape(-1, 8)
+    torch.testing.assert_close(st["q"].diag, (x * x).sum(0))
+    torch.testing.assert_close(st["q"].gram, x.T @ x)
+    with torch.no_grad():
+        y = torch.cat([blk.q(xx) + blk.k(xx).repeat(1, 1, 2) for xx in xs]).reshape(-1, 8)
+    torch.testing.assert_close(st["o"].diag, (y * y).sum(0))
