@@ -12,9 +12,14 @@ if [ ! -d /tmp/smol-hf ]; then
   mkdir -p /tmp/smol
   cat /tmp/stage/smolpart0 .gpuq/p2/smolpart1 > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/smol/*.gguf
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .gpuq/p2/gguf-*.whl . 2>&1 | grep -v -i warn || true
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .gpuq/p2/gguf-*.whl .
   export PYTHONPATH=/tmp/site
   mkdir -p /tmp/dashq-home && cp -r .gpuq/p2/home/data /tmp/dashq-home/
+fi
+# Run from outside the checkout: its dashq_vllm/ folder would shadow the installed package.
+cd /tmp
+if [ ! -d /tmp/smol-hf ]; then
+  export PYTHONPATH=/tmp/site
   python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; print(convert_gguf(Path('/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smol-hf'), 'smollm2-135m'))"
 fi
 export PYTHONPATH=/tmp/site DASHQ_HOME=/tmp/dashq-home
