@@ -23,6 +23,8 @@ if [ ! -d /tmp/smol-hf ]; then
   python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; print(convert_gguf(Path('/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smol-hf'), 'smollm2-135m'))"
 fi
 export PYTHONPATH=/tmp/site DASHQ_HOME=/tmp/dashq-home
+# Resume from the results of an earlier call when they travel with this one.
+[ -f /tmp/quality-smollm2-135m-h100.json ] || cp "$OLDPWD"/.gpuq/p2/quality-smollm2-135m-h100.json /tmp/ 2>/dev/null || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout ${QUALITY_TIMEOUT:-480} python3 -m dashq_vllm.benchmarks.quality --model /tmp/smol-hf \
   --settings 2:32,2:64,3:64,3:128,4:128 --methods rtn,gptq,dashq --nsamples "$NS" --seqlen 2048 \
