@@ -27,7 +27,7 @@ export PYTHONPATH=/tmp/site DASHQ_HOME=/tmp/dashq-home
 [ -f /tmp/quality-smollm2-135m-h100.json ] || cp "$OLDPWD"/.gpuq/p2/quality-smollm2-135m-h100.json /tmp/ 2>/dev/null || true
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout ${QUALITY_TIMEOUT:-480} python3 -m dashq_vllm.benchmarks.quality --model /tmp/smol-hf \
-  --settings 2:32,2:64,3:64,3:128,4:128 --methods rtn,gptq,dashq --nsamples "$NS" --seqlen 2048 \
+  --settings "${SETTINGS:-2:32,2:64,3:64,3:128,4:128}" --methods rtn,gptq,dashq --nsamples "$NS" --seqlen 2048 \
   --eval-windows 40 --device cuda --workdir /tmp/qwork --out /tmp/quality-smollm2-135m-h100.json || echo "quality: stopped (resumable)"
 cp /tmp/quality-smollm2-135m-h100.json "$OUT/" || true
 if [ "${2:-}" = "speed" ]; then
