@@ -1,0 +1,704 @@
+"""GPU check and benchmark of dashq_vllm.kernels (issue 2). Run on the GPU machine:
+
+    python benchmarks/kernels.py --out $OUT [--sections info,check,bench,graph,sweep] [--quick]
+
+Sections: ``info`` (device, measured copy bandwidth and matmul rate: the two ceilings);
+``check`` (GPU correctness vs float64 for every bits x group x dtype x path, NaN-poisoned outputs,
+CUDA-graph capture and torch.compile of the op); ``bench`` (the issue's shapes x M list: us, GB/s,
+% of the memory floor, speedup over torch fp16 F.linear); ``graph`` (the same for the small
+shapes at M <= 16 inside CUDA-graph replays); ``sweep`` (kernel variants/configs per shape and M
+bucket; writes the tuned table ``tuned.json``). Results: ``$OUT/kernels.json`` (+ a log).
+Timing: triton.testing.do_bench medians, inputs rotated over sets larger than 2x L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(4096, 6144, "qkv"), (4096, 4096, "o"), (4096, 28672, "gate_up"), (14336, 4096, "down"),
+          (8192, 28672, "70b_gate_up_shard")]
+LARGE = {"gate_up", "down", "70b_gate_up_shard"}
+SMALL = {"qkv", "o"}
+M_LIST = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+BIT_CONFIGS = [(4, 128), (3, 128), (2, 64)]
+
+
+def import_kernels():
+    """dashq_vllm.kernels, also where the project is not pip-installed (the GPU machine)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import dashq_vllm.kernels as K
+
+        return K
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("dashq_vllm.kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["dashq_vllm.kernels"] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+K = import_kernels()
+from dashq_vllm.kernels.configs import KernelConfig, config_key, heuristic_config, save_table  # noqa: E402
+from dashq_vllm.kernels.triton_kernels import triton_linear  # noqa: E402
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+LOG_PATH = None
+REFINE = False  # --refine: decode sweeps try register caps around the committed picks
+
+
+def log(*args):
+    line = " ".join(str(a) for a in args)
+    print(line, flush=True)
+    if LOG_PATH is not None:
+        with open(LOG_PATH, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def _no_flush(*args, **kwargs):
+    return None
+
+
+def bench_ms(fn, rep=40):
+    """do_bench median. Its L2 flush (a 256 MB memset before each call) is disabled: it leaves
+    L2 full of dirty lines whose write-back the next kernel pays (up to ~17 us at 3 TB/s); the
+    inputs rotate over sets larger than 2x L2 instead."""
+    from triton import runtime
+
+    drv = runtime.driver.active
+    saved = drv.clear_cache
+    drv.clear_cache = _no_flush
+    try:
+        return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+    finally:
+        drv.clear_cache = saved
+
+
+# --------------------------------------------------------------------------- ceilings
+
+
+def measure_info(dev):
+    p = torch.cuda.get_device_properties(dev)
+    info = {"gpu": p.name, "sms": p.multi_processor_count, "l2_bytes": getattr(p, "L2_cache_size", 50 << 20),
+            "torch": torch.__version__, "triton": triton.__version__}
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    a.random_()
+    t = bench_ms(lambda: b.copy_(a), rep=100)
+    info["copy_bw_GBps"] = 2 * n / (t * 1e-3) / 1e9
+    for dt in (torch.float16, torch.bfloat16):
+        x = torch.randn(8192, 8192, dtype=dt, device=dev)
+        w = torch.randn(8192, 8192, dtype=dt, device=dev)
+        t = bench_ms(lambda: F.linear(x, w), rep=100)
+        info[f"matmul_{str(dt)[6:]}_TFLOPs"] = 2 * 8192**3 / (t * 1e-3) / 1e12
+    log("info", json.dumps(info))
+    return info
+
+
+# --------------------------------------------------------------------------- parallel compile
+
+
+def _compile_one(job):
+    """Worker: launch a config once on small tensors, so Triton's disk cache holds its binary
+    (the int arguments keep the divisibility-by-16 of the real shapes, so the key matches)."""
+    bits, group, dtype_name, cfg_dict, has_bias, n, k, kx = job
+    import_kernels()
+    from dashq_vllm.kernels.triton_kernels import launch as _launch
+
+    dt = getattr(torch, dtype_name)
+    qw = torch.randint(-2**31, 2**31 - 1, (k * bits // 32, n), dtype=torch.int32, device="cuda")
+    s = torch.full((k // group, n), 0.01, dtype=torch.float16, device="cuda")
+    x = torch.randn(16, kx, device="cuda").to(dt)
+    y = torch.zeros(16, n, device="cuda", dtype=dt)
+    b = torch.zeros(n, device="cuda", dtype=dt) if has_bias else None
+    cfg = KernelConfig(**cfg_dict)
+    t = time.time()
+    try:
+        _launch(x, qw, s, -s, b, y, bits, group, n, k, cfg)
+        torch.cuda.synchronize()
+    except Exception:  # reported when the main process meets the config
+        return -1.0
+    return time.time() - t
+
+
+def _spec_class(v):
+    """What Triton specialises an int argument on: == 1, divisible by 16, or neither."""
+    return 1 if v == 1 else (16 if v % 16 == 0 else 17)
+
+
+def precompile(jobs, workers=12):
+    """Compile (bits, group, dtype, KernelConfig, has_bias, n, k, kx) jobs in parallel processes,
+    one per distinct binary (ints reduced to their specialisation class)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    uniq = {}
+    for b, g, d, c, hb, n, k, kx in jobs:
+        key = (b, g, str(d).replace("torch.", ""), tuple(sorted(c.__dict__.items())), hb,
+               _spec_class(n), _spec_class(kx))
+        uniq.setdefault(key, (n, k, kx))
+    jobs = [(b, g, d, dict(c), hb, *uniq[(b, g, d, c, hb, sn, skx)]) for b, g, d, c, hb, sn, skx in uniq]
+    t = time.time()
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        times = list(ex.map(_compile_one, jobs))
+    log(f"precompiled {len(jobs)} kernels in {time.time() - t:.0f}s (max {max(times):.0f}s each)")
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def random_checkpoint(bits, group, n, k_in, dev, seed):
+    from dashq_vllm import format as Fm
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    spec = Fm.ModuleSpec.create(k_in, n, bits, group)
+    codes = torch.randint(0, 1 << bits, (n, spec.quant_in_features), generator=g)
+    scale = torch.rand(n, spec.groups_per_row, generator=g) * 0.05 + 0.005
+    zero = torch.rand(n, spec.groups_per_row, generator=g) * ((1 << bits) - 1)
+    t = {k: v.to(dev) for k, v in Fm.encode_linear(codes, scale, zero, spec).items()}
+    w64 = Fm.dequantize(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float64)
+    return spec, t, w64
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def check_case(kw, w64, x, bias, cfg):
+    """Run one config with the output NaN-poisoned (zero-filled under split-K, whose contract that
+    is) plus NaN guard columns; return (rel err, ok)."""
+    from dashq_vllm.kernels.configs import fit_config
+    from dashq_vllm.kernels.triton_kernels import launch
+
+    m = x.shape[0]
+    y_full = torch.full((m, kw.n + 8), float("nan"), dtype=x.dtype, device=x.device)
+    y = y_full[:, : kw.n]
+    cfg = fit_config(cfg, kw.k, kw.group_size, kw.bits, x.dtype) if cfg is not None else None
+    if cfg is None:
+        y.copy_(K.linear(x, kw, bias))
+    else:
+        if cfg.split_k > 1:
+            y.zero_()
+        launch(x, kw.qweight, kw.scales, kw.szeros, bias, y, kw.bits, kw.group_size, kw.n, kw.k, cfg)
+    ref = x.double() @ w64.t() + (0 if bias is None else bias.double())
+    err = rel_err(y, ref)
+    ok = bool(torch.isnan(y_full[:, kw.n:]).all()) and bool(torch.isfinite(y).all()) and err <= 1e-2
+    return err, ok
+
+
+VARIANTS = {  # every kernel kind, each on the M it is meant for
+    "decode-dot-split4": (16, KernelConfig(16, 64, split_k=4, group_m=1)),
+    "decode-scaled": (5, KernelConfig(16, 128, split_k=4, group_m=1, kind="scaled")),
+    "gemv": (2, KernelConfig(1, 64, split_k=4, kind="gemv")),
+    "gemm-scaled": (33, KernelConfig(64, 128, num_warps=4, num_stages=3, kind="scaled")),
+    "gemm-dot-128": (300, KernelConfig(128, 128, num_warps=8, num_stages=3)),
+}
+
+
+CHECK_N, CHECK_K, CHECK_KX = 1000, 2048, 2041  # N, x's width not multiples of 16; K padded
+
+
+def check_plan(quick=False):
+    """(bits, group, dtype, has_bias, [(name, m, cfg)]): the default decode (M=1, 16) and GEMM
+    (M=300) paths for every bits x group x dtype; every variant for bits 2-4 x group 64/128.
+    quick: groups 32 and 128, variants at 4 bits g128 only."""
+    n, k = CHECK_N, CHECK_K
+    for bits in (2, 3, 4, 8):
+        for group in ((32, 128) if quick else (32, 64, 128)):
+            for dt in (torch.float16, torch.bfloat16):
+                has_bias = (bits % 2 == 0) == (dt == torch.float16)
+                cases = [(f"default-m{m}", m, None) for m in (1, 16, 300)]
+                if (bits, group) == (4, 128) or (not quick and bits != 8 and group != 32):
+                    cases += [(name, m, cfg) for name, (m, cfg) in VARIANTS.items()]
+                cases = [(name, m, cfg if cfg is not None else
+                          K.configs.pick_config(m, n, k, bits, group, torch.device("cuda"), dt))
+                         for name, m, cfg in cases]
+                if bits == 4 and group == 128:
+                    cases.append(("dequant-cublas", 300, KernelConfig(128, 128, kind="dequant")))
+                yield bits, group, dt, has_bias, cases
+
+
+def run_checks(dev, quick=False):
+    """check_plan() on fresh random data against float64; outputs NaN-poisoned."""
+    from dashq_vllm.kernels.configs import fit_config
+
+    plan = list(check_plan(quick))
+    precompile([(b, g, dt, fit_config(cfg, CHECK_K, g, b, dt), hb, CHECK_N, CHECK_K, CHECK_KX)
+                for b, g, dt, hb, cases in plan for _, _, cfg in cases])
+    results, n_bad = [], 0
+    for bits, group, dt, has_bias, cases in plan:
+        spec, t, w64 = random_checkpoint(bits, group, CHECK_N, CHECK_KX, dev, seed=bits * 100 + group)
+        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, dt, dev)
+        bias = torch.randn(CHECK_N, device=dev).to(dt) if has_bias else None
+        for name, m, cfg in cases:
+            err, ok = 0.0, True
+            for _ in range(2):  # the second launch takes the cached-kernel fast path
+                x = torch.randn(m, CHECK_KX, device=dev).to(dt)
+                e, o = check_case(kw, w64, x, bias, cfg)
+                err, ok = max(err, e), ok and o
+            n_bad += not ok
+            results.append(dict(bits=bits, group=group, dtype=str(dt), m=m, path=name, err=err, ok=ok))
+            if not ok:
+                log(f"CHECK FAIL bits={bits} g={group} {dt} m={m} {name} err={err}")
+    worst = max(r["err"] for r in results)
+    log(f"check: {len(results)} cases, {n_bad} failed, worst rel err {worst:.2e}")
+    for dt in (torch.float16, torch.bfloat16):
+        w = [r["err"] for r in results if r["dtype"] == str(dt)]
+        log(f"  {dt}: median rel err {sorted(w)[len(w) // 2]:.2e}, max {max(w):.2e}")
+    return {"cases": results, "failed": n_bad, "worst": worst, "graph": check_graph(dev),
+            "compile": check_compile(dev)}
+
+
+def check_graph(dev):
+    """Capture the op (decode with split-K, and GEMM) in a CUDA graph; replay on new inputs."""
+    out = {}
+    for m in (1, 64):
+        spec, t, w64 = random_checkpoint(3, 128, 4096, 4096, dev, seed=m)
+        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.bfloat16, dev)
+        x = torch.randn(m, 4096, device=dev).to(torch.bfloat16)
+        for _ in range(2):
+            K.linear(x, kw)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = K.linear(x, kw)
+        x.copy_(torch.randn(m, 4096, device=dev))
+        g.replay()
+        torch.cuda.synchronize()
+        err = rel_err(y, x.double() @ w64.t())
+        out[f"m{m}"] = err
+        log(f"graph replay m={m}: rel err {err:.2e}")
+    return out
+
+
+def check_compile(dev):
+    try:
+        spec, t, w64 = random_checkpoint(4, 128, 512, 1024, dev, seed=5)
+        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float16, dev)
+        f = torch.compile(lambda x: torch.relu(K.linear(x, kw)), fullgraph=True)
+        x = torch.randn(4, 1024, device=dev).to(torch.float16)
+        err = rel_err(f(x), torch.relu(x.double() @ w64.t()))
+        log(f"torch.compile(fullgraph) of the op: rel err {err:.2e}")
+        return err
+    except Exception as e:
+        log("torch.compile check failed:", repr(e)[:500])
+        return repr(e)[:500]
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+class Weights:
+    """Rotating random weight sets of one (K, N, bits, group), over 2x L2 in total."""
+
+    def __init__(self, k, n, bits, group, dev, l2, dtype=torch.float16):
+        self.k, self.n, self.bits, self.group = k, n, bits, group
+        self.bytes = k * bits // 32 * n * 4 + 2 * (k // group) * n * 2
+        self.count = max(2, math.ceil(2 * l2 / self.bytes) + 1)
+        self.sets = []
+        for _ in range(self.count):
+            qw = torch.randint(-2**31, 2**31 - 1, (k * bits // 32, n), dtype=torch.int32, device=dev)
+            s = (torch.rand(k // group, n, device=dev) * 0.01 + 1e-3)
+            z = -torch.rand(k // group, n, device=dev) * ((1 << bits) - 1) * s
+            self.sets.append(K.KernelWeights(qw, s.half(), z.half(), bits, group, n, k, k))
+        assert k % K.k_tile(bits) == 0
+
+
+class Dense:
+    def __init__(self, k, n, dev, l2, dtype=torch.float16):
+        self.bytes = k * n * 2
+        self.count = max(2, math.ceil(2 * l2 / self.bytes) + 1)
+        self.sets = [torch.randn(n, k, device=dev, dtype=dtype) * 0.02 for _ in range(self.count)]
+
+
+def rotating(fns):
+    state = {"i": 0}
+
+    def call():
+        f = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return f()
+
+    return call
+
+
+def quant_fns(W, m, dtype=torch.float16, cfg=None):
+    xs = [torch.randn(m, W.k, device="cuda", dtype=dtype) for _ in range(W.count)]
+    if cfg is None:
+        return [lambda x=x, w=w: K.linear(x, w) for x, w in zip(xs, W.sets)]
+    return [lambda x=x, w=w: triton_linear(x, w.qweight, w.scales, w.szeros, w.bits, w.group_size, w.n, w.k, cfg=cfg)
+            for x, w in zip(xs, W.sets)]
+
+
+def dense_fns(D, m, k):
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(D.count)]
+    return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, D.sets)]
+
+
+def graph_ms(fns, reps=8):
+    """Per-call time of the calls captured back to back in one CUDA graph (median of replays)."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / (reps * len(fns)))
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def bench_rel_err(W, m):
+    """Relative error of the benchmarked pick on the real shape (set 0) vs a float64 product."""
+    w = W.sets[0]
+    x = torch.randn(m, W.k, device="cuda", dtype=torch.float16)
+    y = K.linear(x, w)
+    dense = K.dequantize_kernel_weight(w.qweight, w.scales, w.szeros, w.bits, w.group_size, torch.float64)
+    ref = x.double() @ dense.t()
+    return rel_err(y, ref) if bool(torch.isfinite(y).all()) else float("nan")
+
+
+def io_bytes(W, m):
+    return W.bytes + m * W.k * 2 + m * W.n * 2
+
+
+def run_bench(dev, info, m_list, bit_configs, shapes, with_graph):
+    bw = info["copy_bw_GBps"] * 1e9
+    l2 = info["l2_bytes"]
+    rows, fp16_ms, fp16_graph = [], {}, {}
+    for k, n, name in shapes:
+        D = Dense(k, n, dev, l2)
+        for m in m_list:
+            fp16_ms[(name, m)] = bench_ms(rotating(dense_fns(D, m, k)))
+            if with_graph and m <= 16:
+                fp16_graph[(name, m)] = graph_ms(dense_fns(D, m, k))
+        del D
+        for bits, group in bit_configs:
+            W = Weights(k, n, bits, group, dev, l2)
+            for m in m_list:
+                cfg = K.configs.pick_config(m, n, k, bits, group, torch.device(dev))
+                t = bench_ms(rotating(quant_fns(W, m)))
+                floor = io_bytes(W, m) / bw * 1e3
+                flops_floor = 2 * m * n * k / (info["matmul_float16_TFLOPs"] * 1e12) * 1e3
+                row = dict(shape=name, k=k, n=n, bits=bits, group=group, m=m, us=t * 1e3,
+                           GBps=io_bytes(W, m) / (t * 1e-3) / 1e9, floor_us=floor * 1e3,
+                           pct_floor=100 * floor / t, flops_floor_us=flops_floor * 1e3,
+                           fp16_us=fp16_ms[(name, m)] * 1e3, speedup=fp16_ms[(name, m)] / t, config=cfg.__dict__)
+                if with_graph and m <= 16:
+                    tg = graph_ms(quant_fns(W, m))
+                    row.update(graph_us=tg * 1e3, fp16_graph_us=fp16_graph[(name, m)] * 1e3,
+                               graph_speedup=fp16_graph[(name, m)] / tg, graph_pct_floor=100 * floor / tg)
+                if m <= 16 or m == 1024:
+                    row["rel_err"] = bench_rel_err(W, m)
+                rows.append(row)
+                log(f"bench {name:>17} {bits}b g{group:<3} M={m:<5} {row['us']:9.1f} us {row['GBps']:7.0f} GB/s "
+                    + (f"err {row['rel_err']:.1e} " if "rel_err" in row else "")
+                    +
+                    f"{row['pct_floor']:5.1f}% floor  x{row['speedup']:5.2f} fp16"
+                    + (f"  graph {row['graph_us']:7.1f} us x{row['graph_speedup']:5.2f}" if "graph_us" in row else ""))
+            del W
+            torch.cuda.empty_cache()
+    return rows
+
+
+def measure_overhead(dev):
+    """Host cost per call (us) of each layer, on a 4096x4096 4-bit g128 layer at M = 1: a loop of
+    2000 calls is host-bound when the host cost exceeds the ~10 us of GPU time."""
+    from dashq_vllm.kernels.triton_kernels import launch
+
+    k = n = 4096
+    W = Weights(k, n, 4, 128, dev, 0)
+    w = W.sets[0]
+    x = torch.randn(1, k, device=dev, dtype=torch.float16)
+    dense = torch.randn(n, k, device=dev, dtype=torch.float16)
+    y = torch.zeros(1, n, device=dev, dtype=torch.float16)
+    cfg = K.configs.pick_config(1, n, k, 4, 128, torch.device(dev))
+    layers = {
+        "F.linear fp16": lambda: F.linear(x, dense),
+        "torch.ops.dashq.linear": lambda: K.linear(x, w),
+        "triton_linear (no op layer)": lambda: triton_linear(x, w.qweight, w.scales, w.szeros, 4, 128, n, k),
+        "launch (no alloc, no op)": lambda: launch(x, w.qweight, w.scales, w.szeros, None, y, 4, 128, n, k, cfg),
+        "torch.zeros(1, n)": lambda: torch.zeros(1, n, device=dev, dtype=torch.float16),
+    }
+    out = {}
+    for name, f in layers.items():
+        for _ in range(50):
+            f()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(2000):
+            f()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t) / 2000 * 1e6
+        log(f"host overhead {name:>30}: {out[name]:6.1f} us/call")
+    return out
+
+
+# --------------------------------------------------------------------------- variant sweep
+
+
+def refine_candidates(m, n, k, bits, group, sms):
+    """Around the committed pick of a decode M: register caps (occupancy) and a narrower tile."""
+    from dataclasses import replace
+
+    base = K.configs.pick_config(m, n, k, bits, group, torch.device("cuda"))
+    yield base
+    for cfg in (base, replace(base, block_n=64, split_k=base.split_k * 2)):
+        for reg in (96, 80, 72):
+            yield replace(cfg, maxnreg=reg)
+
+
+def sweep_candidates(m, n, k, bits, group, sms):
+    """Kernel kinds x tile shapes to time for one (shape, M); split-K from the heuristic."""
+    if REFINE and m <= 16:
+        yield from refine_candidates(m, n, k, bits, group, sms)
+        return
+    if m <= 16:
+        cands = [("scaled", bn, w) for bn in (64, 128, 256) for w in (4, 8)]
+        cands += [("dot", 128, 4), ("dot", 256, 8)]
+        if m == 1:
+            cands += [("gemv", 64, 4), ("gemv", 128, 4), ("gemv", 128, 8)]
+        for kind, bn, warps in cands:
+            split = heuristic_config(m, n, k, bits, group, sms, block_n=bn).split_k
+            for sk in sorted({max(1, split // 4), split}):
+                yield KernelConfig(1 if kind == "gemv" else 16, bn, split_k=sk, group_m=1, num_warps=warps,
+                                   num_stages=3, kind=kind)
+    else:
+        yield KernelConfig(128, 128, kind="dequant")
+        for bm, bn, warps, kind in ((16, 128, 4, "scaled"), (32, 128, 4, "scaled"), (32, 128, 4, "dot"),
+                                    (64, 128, 4, "dot"), (128, 128, 8, "dot"), (128, 256, 8, "dot"),
+                                    (64, 128, 4, "scaled"), (128, 128, 8, "scaled"), (128, 256, 8, "scaled")):
+            if max(64, 2 * m) >= bm >= min(32, m) // 2 and m < 4096:  # M=4096: dequant + cuBLAS or the best GEMM of M=1024
+                yield KernelConfig(bm, bn, num_warps=warps, num_stages=3, kind=kind)
+        if m >= 4096:
+            yield KernelConfig(128, 256, num_warps=8, num_stages=3, kind="dot")
+
+
+def covered_buckets(m, m_list):
+    """The M buckets a swept M stands for: those nearer to it (in log2) than to any other swept
+    M, never mixing decode (<= 16) and GEMM buckets; M = 1 stands for itself only (GEMV)."""
+    from dashq_vllm.kernels.configs import DECODE_MAX_M, M_BUCKETS
+
+    if m == 1:
+        return [1]
+    same_side = [x for x in m_list if (x <= DECODE_MAX_M) == (m <= DECODE_MAX_M) and x != 1]
+    out = []
+    for b in M_BUCKETS:
+        if b == 1 or (b <= DECODE_MAX_M) != (m <= DECODE_MAX_M):
+            continue
+        if min(same_side, key=lambda x: (abs(math.log2(x) - math.log2(b)), x)) == m:
+            out.append(b)
+    return out
+
+
+def run_sweep(dev, info, m_list, bit_configs, shapes, budget_s):
+    from dashq_vllm.kernels.configs import fit_config
+
+    precompile([(bits, group, torch.float16, fit_config(c, k, group, bits, torch.float16), False, n, k, k)
+                for k, n, _ in shapes for bits, group in bit_configs for m in m_list
+                for c in sweep_candidates(m, n, k, bits, group, info["sms"])])
+    table, rows = {}, []
+    t_start = time.time()
+    for k, n, name in shapes:
+        for bits, group in bit_configs:
+            W = Weights(k, n, bits, group, dev, info["l2_bytes"])
+            for m in m_list:
+                best = None
+                for cfg in sweep_candidates(m, n, k, bits, group, info["sms"]):
+                    if time.time() - t_start > budget_s:
+                        break
+                    try:
+                        t = graph_ms(quant_fns(W, m, cfg=cfg), reps=max(1, 16 // W.count))
+                    except Exception as e:  # a config the compiler rejects (e.g. shared memory)
+                        log(f"sweep {name} {bits}b M={m} {cfg} failed: {repr(e)[:200]}")
+                        continue
+                    rows.append(dict(shape=name, bits=bits, group=group, m=m, us=t * 1e3, config=cfg.__dict__))
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+                if best is not None:
+                    for bucket in covered_buckets(m, m_list):
+                        table[config_key(bits, group, bucket, n, k)] = best[1]
+                    log(f"sweep best {name:>17} {bits}b g{group} M={m:<5} {best[0] * 1e3:8.1f} us {best[1]}")
+            del W
+            torch.cuda.empty_cache()
+    return table, rows
+
+
+# --------------------------------------------------------------------------- ablation, profiling, plot
+
+
+def run_ablation(dev, info):
+    """Pipeline depth of the tuned M = 1 4-bit config on gate_up (is the loop latency-bound?)."""
+    from dataclasses import replace
+
+    k, n = 4096, 28672
+    base = K.configs.pick_config(1, n, k, 4, 128, torch.device(dev))
+    W = Weights(k, n, 4, 128, dev, info["l2_bytes"])
+    out = {}
+    for stages in (2, 3, 4, 5):
+        for warps in (4, 8):
+            cfg = replace(base, num_stages=stages, num_warps=warps)
+            try:
+                t = graph_ms(quant_fns(W, 1, cfg=cfg), reps=max(1, 16 // W.count))
+            except Exception as e:
+                log(f"ablation {cfg} failed: {repr(e)[:200]}")
+                continue
+            out[f"stages{stages}_warps{warps}"] = t * 1e3
+            log(f"ablation gate_up 4b M=1 {base.kind} bn{base.block_n} sk{base.split_k} stages={stages} "
+                f"warps={warps}: {t * 1e3:.1f} us")
+    return out
+
+
+def run_single(dev, shape, bits, group, m):
+    """A few launches of one (shape, bits, M) with the default pick: a target for ncu."""
+    k, n, _ = next(s for s in SHAPES if s[2] == shape)
+    W = Weights(k, n, bits, group, dev, 0)
+    fns = quant_fns(W, m)
+    for f in fns * 3:
+        f()
+    torch.cuda.synchronize()
+
+
+def plot(json_path, png_path):
+    """Speedup over fp16 cuBLAS vs M, one panel per shape (graph replays at M <= 16 where timed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(Path(json_path).read_text())["bench"]
+    names = [s[2] for s in SHAPES]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
+    for ax, name in zip(axes, names):
+        for bits, group in BIT_CONFIGS:
+            sel = sorted((r for r in rows if r["shape"] == name and r["bits"] == bits), key=lambda r: r["m"])
+            ms = [r["m"] for r in sel]
+            ax.plot(ms, [r["speedup"] for r in sel], marker="o", label=f"{bits}b g{group} do_bench")
+            gs = [(r["m"], r["graph_speedup"]) for r in sel if "graph_speedup" in r]
+            if gs:
+                ax.plot(*zip(*gs), linestyle="--", marker="x", label=f"{bits}b g{group} CUDA graph")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(name)
+        ax.set_xlabel("M (tokens)")
+    axes[0].set_ylabel("speedup over fp16 F.linear")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def summary(rows):
+    log("\nSUMMARY (us; % of memory floor; speedup over fp16 cuBLAS)")
+    for name in ("gate_up", "down", "70b_gate_up_shard", "qkv", "o"):
+        for bits, group in BIT_CONFIGS:
+            sel = {r["m"]: r for r in rows if r["shape"] == name and r["bits"] == bits}
+            if not sel:
+                continue
+            parts = [f"M={m}:{sel[m]['us']:.1f}us/{sel[m]['pct_floor']:.0f}%/x{sel[m]['speedup']:.2f}"
+                     for m in (1, 16, 1024, 4096) if m in sel]
+            if 1 in sel and "graph_us" in sel[1]:
+                parts.append(f"graph M=1:{sel[1]['graph_us']:.1f}us/x{sel[1]['graph_speedup']:.2f}")
+            log(f"{name:>17} {bits}b g{group:<3} " + "  ".join(parts))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sections", default="info,check,bench,graph")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and M values")
+    ap.add_argument("--quick-check", action="store_true", help="fewer group sizes and variants in the check")
+    ap.add_argument("--sweep-m", default="1,16,64,1024,4096")
+    ap.add_argument("--sweep-shapes", default="gate_up,down,o")
+    ap.add_argument("--sweep-budget-s", type=float, default=240)
+    ap.add_argument("--sweep-keep-buckets", default="", help="merge only these M buckets into the committed table")
+    ap.add_argument("--refine", action="store_true", help="decode sweep: register caps around committed picks")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--single", default="", help="shape,bits,group,m: only launch that (for ncu)")
+    ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a results JSON (CPU)")
+    args = ap.parse_args()
+    if args.plot:
+        plot(*args.plot)
+        return
+    if args.single:
+        shape, bits, group, m = args.single.split(",")
+        run_single("cuda", shape, int(bits), int(group), int(m))
+        return
+    sections = set(args.sections.split(","))
+    global REFINE
+    REFINE = args.refine
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    global LOG_PATH
+    LOG_PATH = out / f"kernels{args.tag}.log"
+    dev = "cuda"
+    res = {"argv": sys.argv, "sections": sorted(sections), "tag": args.tag}
+    t0 = time.time()
+    try:
+        res["info"] = measure_info(dev)
+        if "check" in sections:
+            res["check"] = run_checks(dev, args.quick_check)
+            log(f"[{time.time() - t0:.0f}s] checks done")
+        m_list = [1, 16, 1024] if args.quick else M_LIST
+        shapes = [s for s in SHAPES if not args.quick or s[2] in ("gate_up", "down", "o")]
+        if "overhead" in sections:
+            res["overhead"] = measure_overhead(dev)
+        if "ablation" in sections:
+            res["ablation"] = run_ablation(dev, res["info"])
+        if "sweep" in sections:
+            sw_shapes = [s for s in SHAPES if s[2] in args.sweep_shapes.split(",")]
+            table, rows = run_sweep(dev, res["info"], [int(m) for m in args.sweep_m.split(",")], BIT_CONFIGS,
+                                    sw_shapes, args.sweep_budget_s)
+            res["sweep"] = rows
+            if args.sweep_keep_buckets:  # merge into the committed table, only these M buckets
+                keep = {int(b) for b in args.sweep_keep_buckets.split(",")}
+                table = {key: c for key, c in table.items() if int(key.split("/")[2]) in keep}
+                table = {**K.configs.load_table(torch.cuda.get_device_name().replace(" ", "_")), **table}
+            save_table(table, out / "tuned.json")
+            log(f"[{time.time() - t0:.0f}s] sweep done")
+        if "bench" in sections:
+            if "sweep" in sections:
+                os.environ["DASHQ_KERNEL_CONFIGS"] = str(out / "tuned.json")
+                K.configs.clear_cache()
+            precompile([(b, g, torch.float16, K.configs.pick_config(m, n, k, b, g, torch.device(dev)), False, n, k, k)
+                        for k, n, _ in shapes for b, g in BIT_CONFIGS for m in m_list])
+            res["bench"] = run_bench(dev, res["info"], m_list, BIT_CONFIGS, shapes, "graph" in sections)
+            log(f"[{time.time() - t0:.0f}s] bench done")
+            summary(res["bench"])
+    except Exception:
+        log("ERROR", traceback.format_exc())
+    finally:
+        (out / f"kernels{args.tag}.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

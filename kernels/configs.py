@@ -1,0 +1,137 @@
+"""Kernel launch configs: a per-GPU tuned table (optional) over shape heuristics.
+
+A config depends only on static facts (M bucket, n, k, bits, group, GPU), never on tensor
+values, so choosing one makes no host sync and is safe inside CUDA-graph capture.
+
+Tuned tables are JSON files ``{"<bits>/<group>/<m_bucket>/<n>/<k>": {KernelConfig fields}}``,
+looked up in ``$DASHQ_KERNEL_CONFIGS`` (a file) or ``kernels/tuned/<gpu name>.json``;
+``benchmarks/kernels.py --sections sweep`` writes one (``benchmarks/gpu_kernels.sh sweep``). Shapes not
+in the table use :func:`heuristic_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .layout import k_tile
+
+DECODE_MAX_M = 16
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+TUNED_DIR = Path(__file__).with_name("tuned")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    maxnreg: int = 0  # register cap per thread (0: the compiler's choice); trades spills for occupancy
+    kind: str = "dot"  # "dot": dequantize then tl.dot; "scaled": dot on raw codes, scale per group;
+    # "gemv": CUDA-core FMAs, one x row per program (for M = 1); the K tile is k_tile(bits);
+    # "dequant": dense dequantization to a temporary, then cuBLAS (large M)
+
+
+def m_bucket(m: int) -> int:
+    """Smallest bucket >= m (the largest bucket for anything bigger)."""
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+def config_key(bits: int, group: int, m: int, n: int, k: int) -> str:
+    return f"{bits}/{group}/{m_bucket(m)}/{n}/{k}"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(device_index: int) -> tuple[str, int]:
+    """(name for the tuned table, SM count) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.name.replace(" ", "_"), props.multi_processor_count
+
+
+def _split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
+    """Split K until the grid has ~4 programs per SM, keeping >= 2 K tiles per program."""
+    split = 1
+    while n_tiles * split < 4 * sms and k_tiles // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
+                     block_n: int = 128) -> KernelConfig:
+    """Defaults for shapes the tuned table lacks (from the H100 sweeps in benchmarks/KERNELS.md):
+    M = 1: tensor-core "scaled" at 4/8 bits, CUDA-core GEMV at 2/3 bits; M <= 16: "scaled";
+    M <= 64: dequantize-in-registers GEMM; larger M: dequantize to a dense temporary + cuBLAS."""
+    if m <= DECODE_MAX_M:
+        split = _split_k(-(-n // block_n), k // k_tile(bits), sms)
+        if m == 1 and bits in (2, 3):
+            return KernelConfig(1, block_n, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="gemv")
+        return KernelConfig(16, block_n, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
+    if m <= 64:
+        return KernelConfig(64, 128, num_warps=4, num_stages=3)
+    return KernelConfig(128, 128, kind="dequant")
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(gpu_name: str) -> dict[str, KernelConfig]:
+    path = os.environ.get("DASHQ_KERNEL_CONFIGS") or str(TUNED_DIR / f"{gpu_name}.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    return {key: KernelConfig(**val) for key, val in raw.items()}  # fields missing in old tables default
+
+
+def save_table(table: dict[str, KernelConfig], path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({k: asdict(v) for k, v in sorted(table.items())}, indent=1))
+
+
+def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dtype) -> KernelConfig:
+    """Make a config legal: "scaled" needs codes that fit its magic constant (bf16: < 128, so not
+    8 bits); "gemv" has one row per program; tl.dot needs BLOCK_M >= 16."""
+    if cfg.kind == "scaled" and bits == 8 and dtype == torch.bfloat16:
+        cfg = replace(cfg, kind="dot")
+    if cfg.kind == "gemv" and cfg.block_m != 1:
+        cfg = replace(cfg, block_m=1)
+    if cfg.kind not in ("gemv", "dequant") and cfg.block_m < 16:
+        cfg = replace(cfg, block_m=16)
+    return cfg
+
+
+_PICKED: dict[tuple, KernelConfig] = {}
+
+
+def pick_config(m: int, n: int, k: int, bits: int, group: int, device: torch.device,
+                dtype: torch.dtype = torch.float16) -> KernelConfig:
+    """Tuned config if the table has the shape, else the heuristic; legal for the shape (memoised)."""
+    key = (m, n, k, bits, group, device.type, device.index, dtype)
+    cfg = _PICKED.get(key)
+    if cfg is None:
+        cfg = _PICKED[key] = fit_config(_pick(m, n, k, bits, group, device), k, group, bits, dtype)
+    return cfg
+
+
+def clear_cache() -> None:
+    """Forget memoised picks and loaded tables (after changing $DASHQ_KERNEL_CONFIGS)."""
+    _PICKED.clear()
+    load_table.cache_clear()
+
+
+def _pick(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> KernelConfig:
+    if device.type == "cuda":
+        name, sms = _device_facts(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        name, sms = "cpu", 132
+    tuned = load_table(name).get(config_key(bits, group, m, n, k))
+    return tuned if tuned is not None else heuristic_config(m, n, k, bits, group, sms)

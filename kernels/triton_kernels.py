@@ -1,0 +1,324 @@
+"""Triton kernels of ``dashq::linear`` (see ``kernels/__init__.py`` for the contract and
+``kernels/layout.py`` for the weight layout).
+
+One kernel, specialised by constexprs. It walks K in tiles of 128 (one block of every bit
+plane). For each chunk of 16 consecutive k (one tensor-core K step) it takes a (16, BLOCK_N)
+tile of words (at 2/1-bit planes, whose blocks have 8/4 rows, rows repeat) and shifts each row
+by its slot, so unpacking costs one shift and one mask per code, with no reshuffling of
+registers. Each chunk is consumed by one of three MODEs:
+
+* ``MODE_DOT``: dequantize in registers (``q * s + szeros``, float32 FMA) then ``tl.dot``;
+* ``MODE_SCALED``: ``tl.dot`` on the raw codes (made exact half floats ``MAGIC + q`` with one OR,
+  no int->float conversion), and per group ``acc += part * s + sum(x) * (szeros - MAGIC * s)``:
+  the scale costs one FMA per output per group instead of one per weight;
+* ``MODE_GEMV``: CUDA cores, one row of x per program (M = 1 decode): float32 FMAs into a
+  (16, BLOCK_N) accumulator, scaled per group, reduced over its rows once at the end.
+
+Config kind "dequant" (large M) instead writes the dense weight once (``dashq_dequant_kernel``)
+and hands it to cuBLAS.
+
+The decode path (M <= 16) uses BLOCK_M = 16 (or GEMV), narrow N tiles and split-K over the grid's
+second axis (partial sums are atomically added into the zero-filled output); the GEMM path uses
+large tiles, an L2-friendly grouped tile order and no split.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import KernelConfig, fit_config, pick_config
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+MODES = {"dot": 0, "scaled": 1, "gemv": 2}  # and "dequant": dense dequantization + cuBLAS
+MODE_DOT: tl.constexpr = tl.constexpr(0)
+MODE_SCALED: tl.constexpr = tl.constexpr(1)
+MODE_GEMV: tl.constexpr = tl.constexpr(2)
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ("super-row") order of output tiles so neighbouring programs share weight tiles in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _plane_words(ptr, t, h: tl.constexpr, WIDTH: tl.constexpr, offs_n, mask_n, N):
+    """(16, BLOCK_N) words of tile t of a WIDTH-bit plane: rows R t + (16 h + [0, 16)) % R, where
+    R = 4 * WIDTH rows hold the 128-k block (R < 16 repeats rows; R = 32 has two halves h)."""
+    R: tl.constexpr = 4 * WIDTH
+    rows = t * R + (16 * h + tl.arange(0, 16)) % R
+    return tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+
+
+@triton.jit
+def _plane_codes(words, c: tl.constexpr, WIDTH: tl.constexpr):
+    """Codes (16, BLOCK_N) of chunk c (k = 16 c + [0, 16) in the tile): word row (16 c + r) % R,
+    slot (16 c + r) // R."""
+    R: tl.constexpr = 4 * WIDTH
+    if R >= 16:  # one slot for the whole chunk: an immediate shift
+        codes = (words >> (16 * c // R * WIDTH)) & ((1 << WIDTH) - 1)
+    else:
+        codes = (words >> ((16 * c + tl.arange(0, 16)) // R * WIDTH)[:, None]) & ((1 << WIDTH) - 1)
+    return codes
+
+
+@triton.jit
+def _exact_float(codes):
+    """int32 codes in [0, 2**23) -> float32 without I2F: the bits of 2**23 + q, minus 2**23."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _magic_operand(codes, DTYPE: tl.constexpr):
+    """codes -> DTYPE values MAGIC + q, exact and without I2F: OR the code into the mantissa of
+    MAGIC = 1024 (fp16, codes < 1024) or 128 (bf16, codes < 128)."""
+    if DTYPE == tl.float16:
+        bits = codes | 0x6400
+    else:
+        bits = codes | 0x4300
+    return bits.to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def _group_row(ptr, k, GROUP: tl.constexpr, offs_n, mask_n, N):
+    """Row of group k // GROUP of a (K / group, N) scale tensor, float32 (1, BLOCK_N)."""
+    v = tl.load(ptr + (k // GROUP) * N + offs_n, mask=mask_n, other=0.0)
+    return v.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _dot(x, w, acc, DOT_F32: tl.constexpr):
+    if DOT_F32:  # the interpreter's dot mishandles bf16 operands: give it exact float32 copies
+        return tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
+    return tl.dot(x, w, acc)
+
+
+@triton.jit
+def _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr,
+               ATOMIC: tl.constexpr):
+    """Add the bias (first K split only), round to y's dtype, store or atomically accumulate."""
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, b, 0.0)[None, :]
+    out = acc.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, out, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, out, mask=mask)
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])  # one binary for every M of a config
+def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+    """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); K % KT == 0.
+    ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y."""
+    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
+    KT: tl.constexpr = 128  # K tile: one block of every plane
+    CPG: tl.constexpr = GROUP // 16  # chunks per group
+    ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
+
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    r16 = tl.arange(0, 16)
+    k_tiles = K // KT
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_end = tl.minimum(per_split * (pid_k + 1), k_tiles)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_z = tl.zeros((1, BLOCK_N), dtype=tl.float32)  # GEMV: sum(x) * szeros
+    for t in range(per_split * pid_k, t_end):
+        k0 = t * KT
+        main_a = _plane_words(qw_ptr, t, 0, WIDTH, offs_n, mask_n, N)
+        main_b = main_a
+        if WIDTH == 8:  # 32 rows per block: a second half
+            main_b = _plane_words(qw_ptr, t, 1, WIDTH, offs_n, mask_n, N)
+        hi = main_a
+        if BITS == 3:
+            hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 1, offs_n, mask_n, N)
+        # per-group state, (re)set at each group's first chunk (defined here: static-if scoping)
+        s = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+        z = tl.zeros((1, BLOCK_N), dtype=tl.float32)
+        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        sum_x = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # GEMV: sum of the group's x
+        sum_xz = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # SCALED: x @ ones, on the tensor cores
+        for c in tl.static_range(KT // 16):
+            offs_k = k0 + c * 16 + r16
+            main = main_a
+            if WIDTH == 8 and c % 2 == 1:
+                main = main_b
+            q = _plane_codes(main, c, WIDTH)
+            if BITS == 3:
+                q = q | (_plane_codes(hi, c, 1) << 2)
+            if c % CPG == 0:  # first chunk of a group
+                s = _group_row(s_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N)
+                z = _group_row(z_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N)
+                part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+                sum_x = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
+                sum_xz = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            if MODE == MODE_GEMV:
+                xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < KX, other=0.0)  # pid_m < M
+                xv = xv.to(tl.float32)
+                part += _exact_float(q) * xv[:, None]
+                sum_x += tl.sum(xv, axis=0)
+            else:
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=mask_m[:, None] & (offs_k[None, :] < KX), other=0.0)
+                if MODE == MODE_DOT:
+                    w = (_exact_float(q) * s + z).to(DTYPE, fp_downcast_rounding="rtne")
+                    acc = _dot(x, w, acc, DOT_F32)
+                else:
+                    part = _dot(x, _magic_operand(q, DTYPE), part, DOT_F32)
+                    sum_xz = _dot(x, tl.full((16, BLOCK_N), 1.0, DTYPE), sum_xz, DOT_F32)
+            if (c + 1) % CPG == 0:  # last chunk of a group: apply its scale
+                if MODE == MODE_SCALED:
+                    acc += part * s + sum_xz * (z - MAGIC * s)
+                if MODE == MODE_GEMV:
+                    acc += part * s
+                    acc_z += sum_x * z
+    if MODE == MODE_GEMV:
+        out = tl.sum(acc, axis=0)[None, :] + acc_z
+    else:
+        out = acc
+    _store_out(out, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS).
+    grid = (K / 128, N tiles)."""
+    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    main_a = _plane_words(qw_ptr, t, 0, WIDTH, offs_n, mask_n, N)
+    main_b = main_a
+    if WIDTH == 8:
+        main_b = _plane_words(qw_ptr, t, 1, WIDTH, offs_n, mask_n, N)
+    hi = main_a
+    if BITS == 3:
+        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 1, offs_n, mask_n, N)
+    for c in tl.static_range(8):
+        main = main_a
+        if WIDTH == 8 and c % 2 == 1:
+            main = main_b
+        q = _plane_codes(main, c, WIDTH)
+        if BITS == 3:
+            q = q | (_plane_codes(hi, c, 1) << 2)
+        k = t * 128 + c * 16
+        s = _group_row(s_ptr, k, GROUP, offs_n, mask_n, N)
+        z = _group_row(z_ptr, k, GROUP, offs_n, mask_n, N)
+        w = (_exact_float(q) * s + z).to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        rows = k + tl.arange(0, 16)
+        tl.store(w_ptr + rows[:, None] * N + offs_n[None, :], w, mask=mask_n[None, :])
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def dequantize_dense(qweight, scales, szeros, bits: int, group_size: int, n: int, k: int, dtype, block_n=128):
+    """Dense (k, n) weight in ``dtype`` from the kernel layout (one Triton pass)."""
+    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    dashq_dequant_kernel[(k // 128, triton.cdiv(n, block_n))](qweight, scales, szeros, w, n, k, BITS=bits,
+                                                              GROUP=group_size, BLOCK_N=block_n, num_warps=4)
+    return w
+
+
+def _dequant_matmul(x2, qweight, scales, szeros, bias, y, bits, group_size, n, k, cfg):
+    """Large M: dequantize to a temporary dense weight, then cuBLAS (the one path that allocates
+    besides the output: k * n * 2 bytes, through PyTorch's caching allocator, so graph-safe)."""
+    kx = x2.shape[1]
+    w = dequantize_dense(qweight, scales, szeros, bits, group_size, n, k, x2.dtype, cfg.block_n)[:kx]
+    if bias is None:
+        torch.mm(x2, w, out=y)
+    else:
+        torch.addmm(bias.to(x2.dtype), x2, w, out=y)
+
+
+_COMPILED: dict = {}  # launch key -> CompiledKernel (host fast path)
+
+
+def _spec(v: int) -> int:
+    """What Triton specialises an int argument on: == 1, divisible by 16, or neither."""
+    return 1 if v == 1 else (16 if v % 16 == 0 else 0)
+
+
+def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: int, k: int,
+           cfg: KernelConfig) -> None:
+    """Launch on 2-D x2 (M, KX) into y (M, n): y must be zero-filled when cfg.split_k > 1.
+
+    The first launch of a (config, dtypes, specialisation) goes through Triton's JIT; later ones
+    call the cached compiled kernel directly, which skips the JIT's argument binding and cache
+    key (tens of us of host time per call)."""
+    m, kx = x2.shape
+    cfg = fit_config(cfg, k, group_size, bits, x2.dtype)
+    if cfg.kind == "dequant":
+        _dequant_matmul(x2, qweight, scales, szeros, bias, y, bits, group_size, n, k, cfg)
+        return
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k, 1)  # 3-D: compiled[grid]
+    b = bias if bias is not None else y
+    args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
+    meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+                MODE=MODES[cfg.kind], ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
+    key = (cfg, bits, group_size, x2.dtype, scales.dtype, b.dtype, x2.device,
+           tuple(_spec(v) for v in (n, k, kx, x2.stride(0), y.stride(0))),
+           tuple(t.data_ptr() % 16 == 0 for t in (x2, qweight, scales, szeros, b, y)))
+    compiled = None if _INTERPRET else _COMPILED.get(key)
+    if compiled is not None:
+        compiled[grid](*args, *meta.values())
+        return
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.maxnreg:
+        opts["maxnreg"] = cfg.maxnreg
+    compiled = dashq_linear_kernel[grid](*args, **meta, **opts)
+    if not _INTERPRET and compiled is not None and hasattr(compiled, "__getitem__"):
+        _COMPILED[key] = compiled
+
+
+def triton_linear(x, qweight, scales, szeros, bits: int, group_size: int, n: int, k: int, bias=None,
+                  cfg: KernelConfig | None = None):
+    """The op's CUDA implementation (also runs on CPU tensors under TRITON_INTERPRET=1).
+    Activations other than fp16/bf16 take the reference path."""
+    lead, kx = x.shape[:-1], x.shape[-1]
+    if kx > k:
+        raise ValueError(f"input has {kx} features, more than the weight's K={k}")
+    if x.dtype not in (torch.float16, torch.bfloat16):  # the kernels take half-precision activations
+        from .reference import reference_linear
+
+        return reference_linear(x, qweight, scales, szeros, bits, group_size, n, k, bias)
+    x2 = x.reshape(-1, kx)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if cfg is None:
+        cfg = pick_config(m, n, k, bits, group_size, x.device, x.dtype)
+    y = (torch.zeros if cfg.split_k > 1 else torch.empty)((m, n), dtype=x.dtype, device=x.device)
+    if m > 0:
+        launch(x2, qweight, scales, szeros, bias, y, bits, group_size, n, k, cfg)
+    return y.reshape(*lead, n)

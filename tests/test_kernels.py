@@ -1,0 +1,137 @@
+"""dashq_vllm.kernels on the CPU: layout round-trips, the reference op against float64 dense math,
+the torch.library registration (schema + fake kernel). The Triton kernels themselves are checked
+under the interpreter in tests/test_kernels_interpret.py."""
+
+import pytest
+import torch
+
+from dashq_vllm import format as F
+from dashq_vllm import kernels as K
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def random_module(bits, group, n, k_in, seed, scale_dtype="float16"):
+    """Checkpoint tensors of a random module (fresh codes, scales and float zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    spec = F.ModuleSpec.create(k_in, n, bits, group, scale_zero_dtype=scale_dtype)
+    codes = torch.randint(0, 1 << bits, (n, spec.quant_in_features), generator=g)
+    scale = torch.rand(n, spec.groups_per_row, generator=g) * 0.05 + 0.005
+    zero = torch.rand(n, spec.groups_per_row, generator=g) * ((1 << bits) - 1)
+    return spec, F.encode_linear(codes, scale, zero, spec)
+
+
+def dense_reference(x, t, spec, bias=None):
+    w = F.dequantize(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float64)
+    y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_kernel_code_packing_roundtrip(bits):
+    g = torch.Generator().manual_seed(bits)
+    kp = 2 * K.k_tile(bits)
+    codes = torch.randint(0, 1 << bits, (kp, 7), generator=g)
+    codes[-1, -1] = (1 << bits) - 1
+    qw = K.pack_kernel_codes(codes, bits)
+    assert qw.dtype == torch.int32 and tuple(qw.shape) == (kp * bits // 32, 7)
+    assert torch.equal(K.unpack_kernel_codes(qw, bits), codes)
+
+
+def _decode_from_text(words, bits, k):
+    """Codes of column 0, decoded from the layout's description (kernels/layout.py)."""
+    codes, row0, shift = [0] * k, 0, 0
+    for width in ((2, 1) if bits == 3 else (bits,)):
+        per = 32 // width
+        rows = 128 // per
+        for kk in range(k):
+            blk, rem = divmod(kk, 128)
+            j, r = divmod(rem, rows)
+            word = words[row0 + rows * blk + r] & 0xFFFFFFFF
+            codes[kk] |= ((word >> (j * width)) & ((1 << width) - 1)) << shift
+        row0 += k * width // 32
+        shift += width
+    return codes
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_kernel_layout_matches_its_description(bits):
+    kp = K.k_tile(bits) * 2
+    codes = torch.randint(0, 1 << bits, (kp, 1), generator=torch.Generator().manual_seed(9))
+    assert K.k_tile(bits) == 128
+    words = K.pack_kernel_codes(codes, bits)[:, 0].tolist()
+    assert _decode_from_text(words, bits, kp) == codes[:, 0].tolist()
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_repack_roundtrip(bits, group):
+    spec, t = random_module(bits, group, n=24, k_in=group * 3 - 5, seed=bits * 7 + group)
+    kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.bfloat16)
+    k = K.padded_k(spec.quant_in_features, bits)
+    assert (kw.n, kw.k, kw.bits, kw.group_size) == (24, k, bits, group) and k % K.k_tile(bits) == 0
+    assert tuple(kw.qweight.shape) == (k * bits // 32, 24) and kw.qweight.dtype == torch.int32
+    assert tuple(kw.scales.shape) == tuple(kw.szeros.shape) == (k // group, 24)
+    packed, scale, zero = K.unrepack(kw, spec)
+    assert torch.equal(packed, t["W_q_packed"])
+    assert torch.equal(scale, t["scale"])
+    # zero = -szeros / scale: exact up to the rounding of the folded fp16 value
+    torch.testing.assert_close(zero.float(), t["zero"].float(), atol=4e-3 * (1 << bits), rtol=0)
+    w_kernel = K.dequantize_kernel_weight(kw.qweight, kw.scales, kw.szeros, bits, group)[:, : spec.in_features]
+    w_ckpt = F.dequantize(t["W_q_packed"], t["scale"], t["zero"], spec)
+    torch.testing.assert_close(w_kernel, w_ckpt, atol=2e-3 * (1 << bits) * 0.055, rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_op_vs_float64(bits, group, dtype):
+    """The CPU path of torch.ops.dashq.linear, x unpadded (in_features < quant_in_features)."""
+    n, k_in = 40, 2 * group + 19
+    spec, t = random_module(bits, group, n, k_in, seed=bits * 1000 + group + (dtype == torch.bfloat16))
+    kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, dtype)
+    g = torch.Generator().manual_seed(group + bits)
+    x = torch.randn(2, 3, k_in, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    for b in (None, bias):
+        y = K.linear(x, kw, b)
+        assert y.shape == (2, 3, n) and y.dtype == dtype and torch.isfinite(y).all()
+        assert rel_err(y, dense_reference(x, t, spec, b)) <= 1e-2
+    # a caller that pads x itself gets the same result
+    torch.testing.assert_close(K.linear(K.pad_input(x, kw.k), kw), K.linear(x, kw), rtol=0, atol=0)
+
+
+def test_bf16_checkpoint_scales_are_kept_in_activation_dtype():
+    spec, t = random_module(4, 64, n=8, k_in=128, seed=3, scale_dtype="bfloat16")
+    kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.bfloat16)
+    assert kw.scales.dtype == torch.bfloat16
+    x = torch.randn(5, 128).to(torch.bfloat16)
+    assert rel_err(K.linear(x, kw), dense_reference(x, t, spec)) <= 1e-2
+
+
+def test_op_registration_and_fake_kernel():
+    spec, t = random_module(3, 32, n=16, k_in=64, seed=11)
+    kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float16)
+    x = torch.randn(4, 64).to(torch.float16)
+    args = (x, kw.qweight, kw.scales, kw.szeros, kw.bits, kw.group_size, kw.n, kw.k, None)
+    torch.library.opcheck(torch.ops.dashq.linear.default, args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        y = torch.ops.dashq.linear(*fake)
+    assert y.shape == (4, 16) and y.dtype == torch.float16
+
+
+def test_kernels_package_does_not_import_vllm():
+    import subprocess
+    import sys
+
+    code = "import sys, dashq_vllm.kernels; assert 'vllm' not in sys.modules and 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,108 @@
+"""The Triton kernels of dashq_vllm.kernels under TRITON_INTERPRET=1 (CPU), both paths
+(decode: BLOCK_M = 16 with split-K; GEMM: no split), every bits x group x dtype, against float64.
+
+TRITON_INTERPRET must be set before triton is first imported, so when this file is collected in a
+process without it, its single test re-runs this file in a subprocess with the variable set
+(other test files in the same pytest process are untouched).
+
+Interpreter caveats (the GPU check in benchmarks/kernels.py covers the compiled path):
+its ``tl.dot`` mishandles bf16 operands, so the kernel is given exact float32 copies there
+(``DOT_F32``); its bf16 atomics are unsupported, so bf16 decode runs with split_k = 1; and its
+float32 -> bf16 cast truncates, which roughly doubles the bf16 error (still <= 1e-2).
+"""
+
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_skip_reason():
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - environment dependent
+        return f"triton unusable: {e!r}"
+    return None
+
+
+if not INTERPRETED:
+
+    def test_interpreted_kernels_in_subprocess():
+        reason = _triton_skip_reason()
+        if reason:
+            pytest.skip(reason)
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        if proc.returncode == 5 or " skipped" in tail and " passed" not in tail:
+            pytest.skip(f"interpreter tests skipped: {tail.strip().splitlines()[-1]}")
+        assert proc.returncode == 0, tail
+
+else:
+    reason = _triton_skip_reason()
+    if reason:
+        pytest.skip(reason, allow_module_level=True)
+
+    from dashq_vllm import kernels as K
+    from dashq_vllm.kernels.configs import KernelConfig
+    from dashq_vllm.kernels.triton_kernels import launch, triton_linear
+
+    from test_kernels import dense_reference, random_module, rel_err
+
+    def _split(dtype):
+        return 2 if dtype == torch.float16 else 1
+
+    # (M, config): decode = BLOCK_M = 16 with split-K; gemv = CUDA-core kernel; gemm = larger tiles,
+    # grouped order, no split. "dot" dequantizes before tl.dot, "scaled" scales after it.
+    PATHS = {
+        "decode-dot": (3, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1)),
+        "decode-scaled": (5, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1, kind="scaled")),
+        "gemv": (2, lambda dt: KernelConfig(1, 32, split_k=_split(dt), kind="gemv")),
+        "gemm-dot": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2)),
+        "gemm-scaled": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2, kind="scaled")),
+        "dequant": (20, lambda dt: KernelConfig(16, 32, kind="dequant")),
+    }
+
+    @pytest.mark.parametrize("path", sorted(PATHS))
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("group", [32, 64, 128])
+    @pytest.mark.parametrize("bits", [2, 3, 4, 8])
+    def test_triton_kernel_vs_float64(bits, group, dtype, path):
+        m, make_cfg = PATHS[path]
+        cfg = make_cfg(dtype)
+        # N not a multiple of BLOCK_N; x unpadded (k_in < K); two K tiles (split-K: one each)
+        n, k_in = 40, 2 * K.k_tile(bits) - 5
+        seed = zlib.crc32(f"{bits}{group}{dtype}{path}".encode())
+        spec, t = random_module(bits, group, n, k_in, seed)
+        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, dtype)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(m, k_in, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype) if (bits + group) % 2 == 0 else None
+        # y has 8 poisoned spare columns that must stay untouched; its body is NaN-poisoned too,
+        # except under split-K, which accumulates into a zero-filled output by contract
+        y_full = torch.full((m, n + 8), float("nan"), dtype=dtype)
+        y = y_full[:, :n]
+        if cfg.split_k > 1:
+            y.zero_()
+        launch(x, kw.qweight, kw.scales, kw.szeros, bias, y, bits, group, n, kw.k, cfg)
+        assert torch.isnan(y_full[:, n:]).all(), "wrote outside the output"
+        assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
+        assert rel_err(y, dense_reference(x, t, spec, bias)) <= 1e-2
+
+    @pytest.mark.parametrize("m", [1, 16, 17])
+    def test_triton_linear_entry_point(m):
+        """The op's CUDA function (default configs, output allocation, leading dims) on CPU tensors."""
+        spec, t = random_module(4, 128, 48, 256, seed=m)
+        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float16)
+        x = torch.randn(1, m, 256).to(torch.float16)
+        y = triton_linear(x, kw.qweight, kw.scales, kw.szeros, 4, 128, 48, 256)
+        assert y.shape == (1, m, 48) and torch.isfinite(y).all()
+        assert rel_err(y, dense_reference(x, t, spec)) <= 1e-2
