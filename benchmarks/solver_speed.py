@@ -1,6 +1,6 @@
-"""Solver-only speed of DASH-Q vs GPTQ on a Llama-3-8B-sized layer set (random weights and
-activations; speed does not depend on the values). Times one decoder block's seven linears per
-method (synchronised wall clock, after a warm-up) and extrapolates to the 32 blocks of the model.
+"""Solver-only speed of DASH-Q vs GPTQ on a model-sized layer set (Llama-3-8B or Qwen2.5-1.5B;
+random weights and activations: speed does not depend on the values). Times one decoder block's
+seven linears per method (synchronised wall clock, after a warm-up) and extrapolates to all blocks.
 
     python -m dashq_vllm.benchmarks.solver_speed --bits 2 --group-size 64 --out results.json
 """
@@ -18,9 +18,13 @@ import torch
 from dashq_vllm.quantize import solver
 from dashq_vllm.quantize.gptq import gptq
 
-LLAMA3_8B_BLOCK = {  # name: (out_features, in_features)
-    "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
-    "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336),
+BLOCKS = {  # model: (number of blocks, {name: (out_features, in_features)})
+    "llama3-8b": (32, {
+        "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
+        "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}),
+    "qwen2.5-1.5b": (28, {
+        "q_proj": (1536, 1536), "k_proj": (256, 1536), "v_proj": (256, 1536), "o_proj": (1536, 1536),
+        "gate_proj": (8960, 1536), "up_proj": (8960, 1536), "down_proj": (1536, 8960)}),
 }
 
 
@@ -49,6 +53,7 @@ def time_block(method: str, shapes: dict, grams: dict, bits: int, group: int, de
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", choices=sorted(BLOCKS), default="llama3-8b")
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--tokens", type=int, default=4096, help="calibration rows used to form X^T X")
@@ -59,7 +64,8 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     shapes = {k: (max(a.group_size, int(n * a.scale) // a.group_size * a.group_size),
                   max(a.group_size, int(m * a.scale) // a.group_size * a.group_size))
-              for k, (n, m) in LLAMA3_8B_BLOCK.items()}
+              for k, (n, m) in BLOCKS[a.model][1].items()}
+    nblocks = BLOCKS[a.model][0]
     g = torch.Generator(device=device).manual_seed(1)
     grams = {}
     for k in {k for _, k in shapes.values()}:
@@ -71,10 +77,10 @@ def main(argv=None) -> int:
     res = {m: time_block(m, shapes, grams, a.bits, a.group_size, device) for m in ("dashq", "gptq")}
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "bits": a.bits, "group_size": a.group_size, "scale": a.scale,
+        "torch": torch.__version__, "model": a.model, "blocks": nblocks, "bits": a.bits, "group_size": a.group_size, "scale": a.scale,
         "shapes": shapes, "per_linear_s": res,
         "block_s": {m: sum(v.values()) for m, v in res.items()},
-        "model_32_blocks_s": {m: 32 * sum(v.values()) for m, v in res.items()},
+        "model_s": {m: nblocks * sum(v.values()) for m, v in res.items()},
     }
     summary["speedup_dashq_over_gptq"] = summary["block_s"]["gptq"] / summary["block_s"]["dashq"]
     print(json.dumps(summary, indent=2))
