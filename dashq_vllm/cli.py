@@ -145,6 +145,9 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=16, help="perplexity windows per model")
+    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.",
+                   help="the chat message sent to the served 4-bit checkpoint")
+    p.add_argument("--no-serve", action="store_true", help="skip the vLLM serve + chat round trip")
     p.set_defaults(func=cmd_demo)
 
 
@@ -170,7 +173,11 @@ def cmd_demo(args) -> int:
     print(f"\nWikipedia perplexity ({args.max_windows} windows of {args.seqlen} tokens), {src.name}:")
     for label, ppl in results:
         print(f"  {label:<22} {ppl:10.2f}")
-    return 0
+    if args.no_serve:
+        return 0
+    ckpt = rows[1][1]
+    print(f"\n== serving {ckpt.name} with `vllm serve --quantization dashq`, one chat round trip", flush=True)
+    return main(["chat", "--launch", str(ckpt), "--max-tokens", "64", "-m", args.prompt])
 
 
 # --------------------------------------------------------------------------- main

