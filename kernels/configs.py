@@ -5,7 +5,7 @@ values, so choosing one makes no host sync and is safe inside CUDA-graph capture
 
 Tuned tables are JSON files ``{"<bits>/<group>/<m_bucket>/<n>/<k>": {KernelConfig fields}}``,
 looked up in ``$DASHQ_KERNEL_CONFIGS`` (a file) or ``kernels/tuned/<gpu name>.json``;
-``benchmarks/kernels.py --sections sweep`` writes one (``benchmarks/gpu_kernels.sh sweep``). Shapes not
+``benchmarks/bench_kernels.py --sections sweep`` writes one (``benchmarks/gpu_kernels.sh sweep``). Shapes not
 in the table use :func:`heuristic_config`.
 """
 

@@ -5,7 +5,7 @@ TRITON_INTERPRET must be set before triton is first imported, so when this file 
 process without it, its single test re-runs this file in a subprocess with the variable set
 (other test files in the same pytest process are untouched).
 
-Interpreter caveats (the GPU check in benchmarks/kernels.py covers the compiled path):
+Interpreter caveats (the GPU check in benchmarks/bench_kernels.py covers the compiled path):
 its ``tl.dot`` mishandles bf16 operands, so the kernel is given exact float32 copies there
 (``DOT_F32``); its bf16 atomics are unsupported, so bf16 decode runs with split_k = 1; and its
 float32 -> bf16 cast truncates, which roughly doubles the bf16 error (still <= 1e-2).

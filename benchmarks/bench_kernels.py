@@ -1,6 +1,6 @@
 """GPU check and benchmark of dashq_vllm.kernels (issue 2). Run on the GPU machine:
 
-    python benchmarks/kernels.py --out $OUT [--sections info,check,bench,graph,sweep] [--quick]
+    python benchmarks/bench_kernels.py --out $OUT [--sections info,check,bench,graph,sweep] [--quick]
 
 Sections: ``info`` (device, measured copy bandwidth and matmul rate: the two ceilings);
 ``check`` (GPU correctness vs float64 for every bits x group x dtype x path, NaN-poisoned outputs,
