@@ -8,7 +8,7 @@ runs in a separate virtualenv that also has this package installed (`pip install
 
     python -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 llmcompressor
     /tmp/llmc/bin/pip install -e . --no-deps
-    /tmp/llmc/bin/python benchmarks/gptq_reference.py --model ~/.cache/dashq-vllm/models/smollm2-135m \\
+    /tmp/llmc/bin/python -m dashq_vllm.benchmarks.gptq_reference --model ~/.cache/dashq-vllm/models/smollm2-135m \\
         --bits 3 --group-size 64 --nsamples 128 --seqlen 512 --out benchmarks/results/gptq-reference.json
 """
 
