@@ -39,14 +39,17 @@ def make_text(n_words: int = 4000, seed: int = 0) -> str:
 
 
 def make_tiny_model(path: Path, arch: str = "llama", hidden: int = 96, layers: int = 2, inter: int = 160,
-                    seed: int = 0, dtype=torch.bfloat16) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+                    seed: int = 0, dtype=torch.bfloat16, heads: int = 4, kv_heads: int = 2, vocab: int = 256,
+                    tie: bool = True, init_range: float | None = None) -> Path:
+    """A tiny random HF causal LM with a local tokenizer, saved to ``path``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
     torch.manual_seed(seed)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-    cfg = cls(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "phi3": Phi3Config}[arch]
+    extra = {"initializer_range": init_range} if init_range is not None else {}
+    cfg = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+              tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype=dtype, **extra)
     model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)

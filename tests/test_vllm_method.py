@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tokenizer
+from conftest import make_tiny_model
 from dashq_vllm import format as fmt
 
 pytestmark = pytest.mark.vllm
@@ -40,21 +40,8 @@ def make_dense(path: Path, arch: str = "llama", hidden: int = 128, inter: int = 
                heads: int = 4, kv_heads: int = 2, vocab: int = 256, seed: int = 0,
                dtype: torch.dtype = torch.bfloat16) -> Path:
     """A tiny random HF model whose greedy continuations are not degenerate (large init)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    torch.manual_seed(seed)
-    from transformers import MistralConfig, Phi3Config
-
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "phi3": Phi3Config}[arch]
-    cfg = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-              tie_word_embeddings=(arch == "llama"), bos_token_id=1, eos_token_id=2, pad_token_id=2,
-              initializer_range=0.15, dtype=dtype)
-    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    make_tokenizer(path)
-    return path
+    return make_tiny_model(path, arch, hidden=hidden, inter=inter, layers=layers, seed=seed, dtype=dtype,
+                           heads=heads, kv_heads=kv_heads, vocab=vocab, tie=(arch == "llama"), init_range=0.15)
 
 
 def rtn_quantize(w: torch.Tensor, spec: fmt.ModuleSpec) -> dict[str, torch.Tensor]:
