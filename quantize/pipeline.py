@@ -10,7 +10,6 @@ unquantized.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shutil

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random models saved as HF checkpoints (no downloads)."""
 
-import json
 import os
 from pathlib import Path
 

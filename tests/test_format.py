@@ -2,7 +2,6 @@
 the format's text, metadata validation."""
 
 import math
-import random
 
 import pytest
 import torch
