@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .format import CONFIG_FILENAME, DashQConfig, FormatError, load_dashq_config
+from .format import CONFIG_FILENAME, TENSOR_SUFFIXES, DashQConfig, FormatError, load_dashq_config
 
 INDEX_FILENAME = "model.safetensors.index.json"
 _ST_DTYPES = {
@@ -130,7 +130,7 @@ def _collect_problems(d: Path):
     problems = []
     keys = files.keys()
     for name, spec in cfg.modules.items():
-        for suffix in ("W_q_packed", "scale", "zero"):
+        for suffix in TENSOR_SUFFIXES:
             key = f"{name}.{suffix}"
             if key not in keys:
                 problems.append(f"missing tensor {key}")

@@ -81,6 +81,7 @@ from dashq_vllm import kernels
 from dashq_vllm.format import (
     CONFIG_FILENAME,
     FORMAT,
+    TENSOR_SUFFIXES,
     DashQConfig,
     FormatError,
     ModuleSpec,
@@ -575,7 +576,7 @@ class DashQLinearMethod(LinearMethodBase):
         if not hasattr(layer, "W_q_packed"):
             return  # already processed
         missing = [f"{sh.name}.{kind}" for i, sh in enumerate(geom.shards)
-                   for kind in ("W_q_packed", "scale", "zero") if (kind, i) not in geom.loaded]
+                   for kind in TENSOR_SUFFIXES if (kind, i) not in geom.loaded]
         # Nothing loaded at all means --load-format dummy (a wholly missing layer is caught by
         # vLLM's own "weights not initialized" check); a partial load is a broken checkpoint.
         if missing and geom.loaded:
