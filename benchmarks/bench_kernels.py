@@ -60,6 +60,7 @@ from triton.testing import do_bench  # noqa: E402
 
 LOG_PATH = None
 REFINE = False  # --refine: decode sweeps try register caps around the committed picks
+WIDE_ONLY = False  # --wide: GEMM sweeps time the "wide" kernel against dequant + cuBLAS
 
 
 def log(*args):
@@ -208,6 +209,8 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     "gemv": (2, KernelConfig(1, 64, split_k=4, kind="gemv")),
     "gemm-scaled": (33, KernelConfig(64, 128, num_warps=4, num_stages=3, kind="scaled")),
     "gemm-dot-128": (300, KernelConfig(128, 128, num_warps=8, num_stages=3)),
+    "wide-128": (300, KernelConfig(128, 128, num_warps=8, num_stages=3, kind="wide")),
+    "wide-dot-64": (33, KernelConfig(64, 128, num_warps=4, num_stages=3, kind="wide", scaled=False)),
 }
 
 
@@ -490,6 +493,14 @@ def sweep_candidates(m, n, k, bits, group, sms):
             for sk in sorted({max(1, split // 4), split}):
                 yield KernelConfig(1 if kind == "gemv" else 16, bn, split_k=sk, group_m=1, num_warps=warps,
                                    num_stages=3, kind=kind)
+    elif WIDE_ONLY:  # v5: the "wide" GEMM (one dot per BLOCK_K step) against dequant + cuBLAS
+        yield KernelConfig(128, 128, kind="dequant")
+        tiles = ((32, 128, 4), (64, 64, 4), (64, 128, 4)) if m <= 64 else \
+            ((64, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8))
+        for bm, bn, warps in tiles:
+            for bk in sorted({min(64, group), min(128, group)}):
+                yield KernelConfig(bm, bn, num_warps=warps, num_stages=3, kind="wide", block_k=bk)
+        yield KernelConfig(64, 128, num_warps=4, num_stages=3, kind="wide", scaled=False)
     else:
         yield KernelConfig(128, 128, kind="dequant")
         for bm, bn, warps, kind in ((16, 128, 4, "scaled"), (32, 128, 4, "scaled"), (32, 128, 4, "dot"),
@@ -638,10 +649,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes and M values")
     ap.add_argument("--quick-check", action="store_true", help="fewer group sizes and variants in the check")
     ap.add_argument("--sweep-m", default="1,16,64,1024,4096")
+    ap.add_argument("--bench-m", default="", help="M values of the bench section (default: the issue's list)")
     ap.add_argument("--sweep-shapes", default="gate_up,down,o")
     ap.add_argument("--sweep-budget-s", type=float, default=240)
     ap.add_argument("--sweep-keep-buckets", default="", help="merge only these M buckets into the committed table")
     ap.add_argument("--refine", action="store_true", help="decode sweep: register caps around committed picks")
+    ap.add_argument("--wide", action="store_true", help="GEMM sweep: the 'wide' kernel against dequant + cuBLAS")
     ap.add_argument("--tag", default="")
     ap.add_argument("--single", default="", help="shape,bits,group,m: only launch that (for ncu)")
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a results JSON (CPU)")
@@ -654,8 +667,8 @@ def main():
         run_single("cuda", shape, int(bits), int(group), int(m))
         return
     sections = set(args.sections.split(","))
-    global REFINE
-    REFINE = args.refine
+    global REFINE, WIDE_ONLY
+    REFINE, WIDE_ONLY = args.refine, args.wide
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     global LOG_PATH
@@ -669,6 +682,8 @@ def main():
             res["check"] = run_checks(dev, args.quick_check)
             log(f"[{time.time() - t0:.0f}s] checks done")
         m_list = [1, 16, 1024] if args.quick else M_LIST
+        if args.bench_m:
+            m_list = [int(m) for m in args.bench_m.split(",")]
         shapes = [s for s in SHAPES if not args.quick or s[2] in ("gate_up", "down", "o")]
         if "overhead" in sections:
             res["overhead"] = measure_overhead(dev)

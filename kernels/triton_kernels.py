@@ -14,8 +14,11 @@ registers. Each chunk is consumed by one of three MODEs:
 * ``MODE_GEMV``: CUDA cores, one row of x per program (M = 1 decode): float32 FMAs into a
   (16, BLOCK_N) accumulator, scaled per group, reduced over its rows once at the end.
 
-Config kind "dequant" (large M) instead writes the dense weight once (``dashq_dequant_kernel``)
-and hands it to cuBLAS.
+Config kind "wide" (mid and large M) runs ``dashq_gemm_kernel`` instead: each K step gathers a
+whole (BLOCK_K, BLOCK_N) code tile at once (every word read once per code it holds; the repeats
+hit L1) so one ``tl.dot`` covers BLOCK_K <= group k, scaled afterwards as in MODE_SCALED (or
+dequantized before the dot as in MODE_DOT). Config kind "dequant" (large M) instead writes the
+dense weight once (``dashq_dequant_kernel``) and hands it to cuBLAS.
 
 The decode path (M <= 16) uses BLOCK_M = 16 (or GEMV), narrow N tiles and split-K over the grid's
 second axis (partial sums are atomically added into the zero-filled output); the GEMM path uses
@@ -33,7 +36,7 @@ import triton.language as tl
 from .configs import KernelConfig, fit_config, pick_config
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-MODES = {"dot": 0, "scaled": 1, "gemv": 2}  # and "dequant": dense dequantization + cuBLAS
+MODES = {"dot": 0, "scaled": 1, "gemv": 2}  # and "wide" (dashq_gemm_kernel), "dequant" (+ cuBLAS)
 MODE_DOT: tl.constexpr = tl.constexpr(0)
 MODE_SCALED: tl.constexpr = tl.constexpr(1)
 MODE_GEMV: tl.constexpr = tl.constexpr(2)
@@ -209,6 +212,56 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
 
 
 @triton.jit
+def _gather_codes(qw_ptr, k0, KB: tl.constexpr, BITS: tl.constexpr, K, offs_n, mask_n, N):
+    """(KB, BLOCK_N) int32 codes of k = k0 + [0, KB) (KB divides 128, k0 a multiple of KB):
+    code k of a WIDTH-bit plane is in word row R (k // 128) + k % R at slot (k % 128) // R."""
+    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
+    R: tl.constexpr = 4 * WIDTH
+    kk = k0 % 128 + tl.arange(0, KB)
+    rows = (k0 // 128) * R + kk % R
+    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    q = (words >> ((kk // R) * WIDTH)[:, None]) & ((1 << WIDTH) - 1)
+    if BITS == 3:  # the 1-bit plane (4 rows per block) after the 2-bit plane's K / 16 rows
+        rows1 = (k0 // 128) * 4 + kk % 4
+        hi = tl.load(qw_ptr + (K // 16 + rows1)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        q = q | (((hi >> (kk // 4)[:, None]) & 1) << 2)
+    return q
+
+
+@triton.jit(do_not_specialize=["M"])
+def dashq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SCALED: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+    """y[M, N] = x[M, :KX] @ W[:K, N] with one tl.dot per BLOCK_K (<= GROUP, divides 128) step.
+    SCALED: the dot takes the raw codes as exact halves MAGIC + q and the step's group scale is
+    applied to its (BLOCK_M, BLOCK_N) partial: acc += part * s + sum(x) * (szeros - MAGIC * s)."""
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < KX), other=0.0)
+        q = _gather_codes(qw_ptr, k0, BLOCK_K, BITS, K, offs_n, mask_n, N)
+        s = _group_row(s_ptr, k0, GROUP, offs_n, mask_n, N)
+        z = _group_row(z_ptr, k0, GROUP, offs_n, mask_n, N)
+        if SCALED:
+            part = _dot(x, _magic_operand(q, DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_F32)
+            sum_x = tl.sum(x.to(tl.float32), axis=1)[:, None]
+            acc += part * s + sum_x * (z - MAGIC * s)
+        else:
+            w = (_exact_float(q) * s + z).to(DTYPE, fp_downcast_rounding="rtne")
+            acc = _dot(x, w, acc, DOT_F32)
+    _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, 0, HAS_BIAS, False)
+
+
+@triton.jit
 def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS).
@@ -283,9 +336,16 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
         return
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k, 1)  # 3-D: compiled[grid]
     b = bias if bias is not None else y
-    args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
-    meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
-                MODE=MODES[cfg.kind], ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
+    if cfg.kind == "wide":
+        kernel = dashq_gemm_kernel
+        args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0))
+        meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                    GROUP_M=cfg.group_m, SCALED=cfg.scaled, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
+    else:
+        kernel = dashq_linear_kernel
+        args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
+        meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+                    MODE=MODES[cfg.kind], ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
     key = (cfg, bits, group_size, x2.dtype, scales.dtype, b.dtype, x2.device,
            tuple(_spec(v) for v in (n, k, kx, x2.stride(0), y.stride(0))),
            tuple(t.data_ptr() % 16 == 0 for t in (x2, qweight, scales, szeros, b, y)))
@@ -296,7 +356,7 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.maxnreg:
         opts["maxnreg"] = cfg.maxnreg
-    compiled = dashq_linear_kernel[grid](*args, **meta, **opts)
+    compiled = kernel[grid](*args, **meta, **opts)
     if not _INTERPRET and compiled is not None and hasattr(compiled, "__getitem__"):
         _COMPILED[key] = compiled
 
