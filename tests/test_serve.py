@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -259,37 +258,11 @@ def test_completion_agrees_with_reference(server, client, dense, good_ckpt):
 
 @pytest.mark.slow
 def test_32_concurrent_streams(server, good_ckpt):
-    from dashq_vllm.serve.chat import make_client
+    from dashq_vllm.serve.check import concurrent_streams
 
-    n_req, n_tok = 32, 16
-    results: dict[int, tuple[int, str | None]] = {}
-    errors: list[BaseException] = []
-
-    def worker(i: int) -> None:
-        try:
-            c = make_client(server.base_url, timeout=300)
-            stream = c.chat.completions.create(
-                model=good_ckpt.name, messages=[{"role": "user", "content": f"w{i} the river"}],
-                max_tokens=n_tok, temperature=0, stream=True, stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True})
-            chunks, finish, usage = 0, None, None
-            for ch in stream:
-                usage = ch.usage or usage
-                for choice in ch.choices:
-                    chunks += bool(choice.delta and choice.delta.content)
-                    finish = choice.finish_reason or finish
-            results[i] = (usage.completion_tokens if usage else -1, finish)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_req)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors, errors[:3]
-    assert sorted(results) == list(range(n_req))  # none lost
-    assert all(v == (n_tok, "length") for v in results.values()), results
+    # raises CheckError on a failed, lost or short stream
+    stats = concurrent_streams(server.base_url, good_ckpt.name, 32, max_tokens=16, timeout=600)
+    assert stats["complete"] == 32
 
 
 @pytest.mark.slow

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU calls behind issue 3's GPU acceptance and issue 4's throughput table (device tool, H100).
+# vLLM 0.26.0 comes from ../shared/gpu/bundle-vllm.sh (.gpu/p1..p5 + .gpu/deps, each <= 64 MiB a
+# call) and SmolLM2's GGUF from .gpuq/p1 (part 0) and .gpuq/p2 (part 1, gguf wheel, texts).
+# Back-to-back calls, machine warm (/tmp survives while it is):
+#   stage:  mkdir -p /tmp/stage && cp -r .gpu/pN/. /tmp/stage/            (carry .gpu/pN, N=1..5)
+#           mkdir -p /tmp/stage/deps && cp .gpu/deps/* /tmp/stage/deps/   (carry .gpu/deps)
+#           cp .gpuq/p1/* /tmp/stage/                                    (carry .gpuq/p1)
+#   run:    bash benchmarks/gpu_serve.sh throughput|smollm2 ...          (carry .gpuq/p2 for smollm2)
+# Every step is resumable: results accumulate under /tmp/results and are copied to $OUT each call.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
+  VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site DASHQ_HOME=/tmp/dashq-home
+REPO=$(pwd)
+mkdir -p /tmp/results
+if [ ! -f /tmp/site/.installed ]; then
+  cat /tmp/stage/vllm.part* > /tmp/stage/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    /tmp/stage/vllm-0.26.0-*.whl /tmp/stage/deps/*.whl || exit 1
+  touch /tmp/site/.installed
+fi
+# our package, fresh from this checkout every call (no deps: the host's torch/triton stay)
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/dashq-site "$REPO" >/dev/null || exit 1
+export PYTHONPATH=/tmp/dashq-site:/tmp/site DASHQ_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+cd /tmp   # the checkout's dashq_vllm/ must not shadow the installed package
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+step=${1:-throughput}; shift || true
+case "$step" in
+  throughput)  # bash benchmarks/gpu_serve.sh throughput [SHAPE] [CONFIGS]
+    shape=${1:-llama3-8b}
+    [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
+    timeout ${TPUT_TIMEOUT:-560} python3 -m dashq_vllm.benchmarks.throughput --shape "$shape" \
+      --configs "${2:-fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64}" --batches 1,16,64,256 \
+      --out /tmp/results/throughput-$shape-h100${TPUT_TAG:-}.json --log-dir /tmp/results/logs --timeout 400 \
+      || echo "throughput: stopped (resumable)" ;;
+  kernels)  # v5: sweep the "wide" GEMM against dequant + cuBLAS at mid/large M, check, bench
+    mkdir -p /tmp/results/k
+    timeout -s INT ${KERNELS_TIMEOUT:-560} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
+      --sections info,check,sweep,bench --quick-check --wide --sweep-m 32,64,128,256,1024 \
+      --sweep-shapes qkv,o,gate_up,down --sweep-keep-buckets 32,64,128,256,512,1024 --sweep-budget-s 240 \
+      --bench-m 1,16,32,64,128,256,1024,4096 --tag _v5 || echo "kernels: stopped" ;;
+  smollm2)  # quantize SmolLM2 on the GPU, serve 4-bit and 2-bit (dashq_config.json only) with CUDA graphs
+    if [ ! -d /tmp/smol-hf ]; then
+      mkdir -p /tmp/smol /tmp/dashq-home && cat /tmp/stage/smolpart0 "$REPO"/.gpuq/p2/smolpart1 > /tmp/smol/s.gguf
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.gpuq/p2/gguf-*.whl
+      cp -r "$REPO"/.gpuq/p2/home/data /tmp/dashq-home/
+      python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; convert_gguf(Path('/tmp/smol/s.gguf'), Path('/tmp/smol-hf'), 'smollm2-135m')" || exit 1
+    fi
+    for bg in 4:128 2:32; do
+      b=${bg%:*}; g=${bg#*:}; ck=/tmp/ckpt/smollm2-135m-dashq-w${b}g${g}
+      [ -d "$ck" ] || python3 -m dashq_vllm.cli quantize /tmp/smol-hf --out "$ck" --bits $b --group-size $g \
+        --nsamples 128 --seqlen 2048 --device cuda --quiet || exit 1
+      [ "$b" = 2 ] && python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c.pop('quantization_config',None); json.dump(c,open(p,'w'),indent=1)" "$ck"
+      grep -q "\"${ck##*/}-fp16\"" /tmp/results/serve-smollm2-h100.json 2>/dev/null || \
+        timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
+          --label "${ck##*/}-fp16" --out /tmp/results/serve-smollm2-h100.json -- --dtype float16 --max-model-len 2048
+    done ;;
+  qwen)  # Qwen2.5-Coder-1.5B: GGUF parts staged from .gpuq/q/NN (NN=01..22; 22 also holds the gguf
+         # wheel and the texts), converted, quantized on the GPU, perplexity, served with CUDA graphs
+    if [ ! -d /tmp/qwen-hf ]; then
+      mkdir -p /tmp/qwen /tmp/dashq-home && cat /tmp/stage/part??.bin > /tmp/qwen/q.gguf && rm /tmp/stage/part??.bin
+      python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl
+      cp -r /tmp/stage/home/data /tmp/dashq-home/
+      python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; convert_gguf(Path('/tmp/qwen/q.gguf'), Path('/tmp/qwen-hf'), 'qwen2.5-coder-1.5b')" || exit 1
+    fi
+    [ -f /tmp/results/ppl-qwen-bf16.json ] || python3 -m dashq_vllm.cli eval /tmp/qwen-hf --seqlen 2048 --max-windows 40 \
+      --device cuda --json /tmp/results/ppl-qwen-bf16.json --quiet
+    for bg in ${QWEN_SETTINGS:-4:128 2:32}; do
+      b=${bg%:*}; g=${bg#*:}; ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w${b}g${g}
+      [ -d "$ck" ] || python3 -m dashq_vllm.cli quantize /tmp/qwen-hf --out "$ck" --bits $b --group-size $g \
+        --nsamples 128 --seqlen 2048 --device cuda --quiet --json /tmp/results/quant-qwen-w${b}g${g}.json || exit 1
+      [ -f /tmp/results/ppl-qwen-w${b}g${g}.json ] || python3 -m dashq_vllm.cli eval "$ck" --seqlen 2048 \
+        --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-w${b}g${g}.json --quiet
+      grep -q "\"${ck##*/}\"" /tmp/results/serve-qwen-h100.json 2>/dev/null || \
+        timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
+          --out /tmp/results/serve-qwen-h100.json -- --max-model-len 4096
+    done ;;
+esac
+tar czf "$OUT/results.tgz" -C /tmp/results . && ls -la "$OUT"; ls /tmp/results
