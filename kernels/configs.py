@@ -37,7 +37,7 @@ class KernelConfig:
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); trades spills for occupancy
     kind: str = "dot"  # "dot": dequantize then tl.dot; "scaled": dot on raw codes, scale per group;
     # "gemv": CUDA-core FMAs, one x row per program (for M = 1); the K tile is k_tile(bits);
-    # "wide": one tl.dot per block_k-step on a gathered code tile (mid/large M);
+    # "wide": one tl.dot per block_k-step on a gathered code tile (mid M);
     # "dequant": dense dequantization to a temporary, then cuBLAS (large M)
     block_k: int = 0  # "wide": k per step (0: min(64, group)); divides 128, at most the group size
     scaled: bool = True  # "wide": scale after the dot (raw codes as exact halves) or dequantize before
@@ -74,13 +74,13 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
                      block_n: int = 128) -> KernelConfig:
     """Defaults for shapes the tuned table lacks (from the H100 sweeps in benchmarks/KERNELS.md):
     M = 1: tensor-core "scaled" at 4/8 bits, CUDA-core GEMV at 2/3 bits; M <= 16: "scaled";
-    M <= 64: the "wide" GEMM; larger M: dequantize to a dense temporary + cuBLAS."""
+    M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a dense temporary + cuBLAS."""
     if m <= DECODE_MAX_M:
         split = _split_k(-(-n // block_n), k // k_tile(bits), sms)
         if m == 1 and bits in (2, 3):
             return KernelConfig(1, block_n, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="gemv")
         return KernelConfig(16, block_n, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
-    if m <= 64:  # v5 sweep: wins on wide-N shapes (gate_up); dequant + cuBLAS elsewhere
+    if m <= 64 and n >= 4 * k:  # v5 sweep: the "wide" GEMM wins on wide-N shapes (gate_up)
         return KernelConfig(64, 64, num_warps=4, num_stages=3, kind="wide", block_k=128)
     return KernelConfig(128, 128, kind="dequant")
 

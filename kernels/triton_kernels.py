@@ -322,6 +322,21 @@ def _spec(v: int) -> int:
     return 1 if v == 1 else (16 if v % 16 == 0 else 0)
 
 
+def launch_key(kernel, meta: dict, cfg: KernelConfig, args: tuple) -> tuple:
+    """What a compiled binary is specific to: the kernel, every constexpr (HAS_BIAS above all: a
+    bias-less call passes y as the bias pointer, so nothing else tells the two apart), the config,
+    and, for each argument, its dtype and device (tensors; plus 16-byte alignment) or what Triton
+    specialises an int on (== 1, divisible by 16). A cached binary must never serve a call it was
+    not built for (before this key held the constexprs, a bias-less layer launched after a layer
+    with a bias reused its binary and added garbage: KERNELS.md, v5)."""
+    def spec(a):
+        if isinstance(a, torch.Tensor):
+            return (a.dtype, a.device, a.data_ptr() % 16 == 0)
+        return _spec(a)
+
+    return (kernel, tuple(meta.items()), cfg, tuple(spec(a) for a in args))
+
+
 def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: int, k: int,
            cfg: KernelConfig) -> None:
     """Launch on 2-D x2 (M, KX) into y (M, n): y must be zero-filled when cfg.split_k > 1.
@@ -346,9 +361,7 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                     MODE=MODES[cfg.kind], ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
-    key = (cfg, bits, group_size, x2.dtype, scales.dtype, b.dtype, x2.device,
-           tuple(_spec(v) for v in (n, k, kx, x2.stride(0), y.stride(0))),
-           tuple(t.data_ptr() % 16 == 0 for t in (x2, qweight, scales, szeros, b, y)))
+    key = launch_key(kernel, meta, cfg, args)
     compiled = None if _INTERPRET else _COMPILED.get(key)
     if compiled is not None:
         compiled[grid](*args, *meta.values())

@@ -135,3 +135,25 @@ def test_kernels_package_does_not_import_vllm():
 
     code = "import sys, dashq_vllm.kernels; assert 'vllm' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+
+def test_launch_key_separates_what_a_binary_is_built_for():
+    """The compiled-kernel cache of the launch fast path: a bias-less call (which passes y as the
+    bias pointer) must not reuse the binary built for a call with a bias, nor another kernel's,
+    dtype's or config's (this mix-up made vLLM serve garbage for Qwen2, whose qkv has a bias)."""
+    from dashq_vllm.kernels.configs import KernelConfig
+    from dashq_vllm.kernels.triton_kernels import dashq_gemm_kernel, dashq_linear_kernel, launch_key
+
+    x, y = torch.zeros(4, 64, dtype=torch.float16), torch.zeros(4, 32, dtype=torch.float16)
+    args = (x, y, 4, 32, 64)
+    meta = dict(BITS=4, HAS_BIAS=True)
+    cfg = KernelConfig(16, 32, kind="scaled")
+    base = launch_key(dashq_linear_kernel, meta, cfg, args)
+    assert launch_key(dashq_linear_kernel, dict(meta), cfg, args) == base
+    assert launch_key(dashq_linear_kernel, dict(meta, HAS_BIAS=False), cfg, args) != base
+    assert launch_key(dashq_gemm_kernel, meta, cfg, args) != base
+    assert launch_key(dashq_linear_kernel, meta, KernelConfig(16, 64, kind="scaled"), args) != base
+    assert launch_key(dashq_linear_kernel, meta, cfg, (x.bfloat16(), y, 4, 32, 64)) != base
+    assert launch_key(dashq_linear_kernel, meta, cfg, (x, y, 4, 33, 64)) != base  # 32 -> 33: not /16
+    assert launch_key(dashq_linear_kernel, meta, cfg, (x, y, 7, 48, 64)) == base  # same classes
