@@ -1,0 +1,41 @@
+"""benchmarks/throughput.py's pure parts: config specs, the dummy model directories it writes
+(GPTQ must name modules_in_block_to_quantize; DASH-Q must list every linear), log parsing."""
+
+import json
+
+import pytest
+
+from dashq_vllm.benchmarks import throughput as T
+from dashq_vllm.format import load_dashq_config
+
+
+def test_parse_config():
+    assert T.parse_config("fp16")["bits"] == 16
+    assert T.parse_config("dashq2:64") == {"name": "dashq2-g64", "method": "dashq", "bits": 2, "group_size": 64}
+    assert T.parse_config("gptq4")["group_size"] == 128
+    for bad in ("dashq", "int4", "dashq4:abc"):
+        with pytest.raises(ValueError):
+            T.parse_config(bad)
+
+
+def test_model_dirs(tmp_path):
+    T.write_model_dir(tmp_path / "g", "tiny", T.parse_config("gptq4:128"), "float16")
+    q = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "gptq" and q["modules_in_block_to_quantize"] == T.GPTQ_GROUPS
+    T.write_model_dir(tmp_path / "d", "tiny", T.parse_config("dashq3:64"), "float16")
+    cfg = load_dashq_config(tmp_path / "d")
+    c = T.SHAPES["tiny"]
+    assert len(cfg.modules) == 7 * c["num_hidden_layers"]
+    down = cfg.modules["model.layers.1.mlp.down_proj"]
+    assert (down.in_features, down.out_features, down.nbits, down.group_size) == (512, 256, 3, 64)
+    k = cfg.modules["model.layers.0.self_attn.k_proj"]
+    assert k.out_features == 256 // 4 * 2
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["quantization_config"]["quant_method"] == "dashq"
+
+
+def test_parse_log():
+    log = ("INFO Model loading took 5.43 GiB memory and 3.1 seconds\nINFO GPU KV cache size: 522,976 tokens\n"
+           "INFO Maximum concurrency for 4,096 tokens per request: 127.68x\nINFO Using MacheteLinearKernel for X\n")
+    assert T.parse_log(log) == {"weights_gib": 5.43, "kv_cache_tokens": 522976, "max_concurrency": 127.68,
+                                "vllm_kernels": ["MacheteLinearKernel"]}
+    assert T.parse_log("nothing") == {}
