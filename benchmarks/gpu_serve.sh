@@ -75,33 +75,11 @@ case "$step" in
         timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
           --out /tmp/results/serve-qwen-h100.json -- --max-model-len 4096
     done ;;
-  mtbench)  # after `qwen`: MT-Bench-style answers of Qwen bf16 and its DASH-Q checkpoints, judged by
-            # the bf16 model itself (the largest we serve here), plus the judge-free log-probability
-    M=/tmp/results/mtbench; mkdir -p $M; LIM=${MTB_LIMIT:-80}
-    SPIDS=""
-    serve_bg() {  # port, log, command...
-      local port=$1 log=$2; shift 2; "$@" --port $port --max-model-len 8192 --gpu-memory-utilization 0.25 > $log 2>&1 &
-      SPIDS="$SPIDS $!"
-    }
-    wait_ready() { for i in $(seq 300); do curl -sf http://127.0.0.1:$1/v1/models >/dev/null && return 0; sleep 2; done; return 1; }
-    serve_bg 8000 $M/server-bf16.log python3 -m vllm.entrypoints.cli.main serve /tmp/qwen-hf --served-model-name qwen2.5-coder-1.5b-bf16
-    serve_bg 8001 $M/server-w4.log python3 -m dashq_vllm.serve.cli serve /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w4g128
-    serve_bg 8002 $M/server-w2.log python3 -m dashq_vllm.serve.cli serve /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w2g32
-    wait_ready 8000 && wait_ready 8001 && wait_ready 8002 || { tail -20 $M/server-*.log; exit 1; }
-    Q="python3 -m dashq_vllm.benchmarks.mtbench"
-    GPIDS=""
-    for lp in bf16:8000 w4g128:8001 w2g32:8002; do
-      $Q generate --base-url http://127.0.0.1:${lp#*:}/v1 --label ${lp%:*} --answers $M/${lp%:*}.answers.jsonl \
-        --limit $LIM --concurrency 32 --quiet & GPIDS="$GPIDS $!"
-    done
-    wait $GPIDS
-    for lb in bf16 w4g128 w2g32; do
-      port=$([ $lb = bf16 ] && echo 8000 || ([ $lb = w4g128 ] && echo 8001 || echo 8002))
-      base=""; [ $lb = bf16 ] || base="--baseline-answers $M/bf16.answers.jsonl"
-      $Q run --base-url http://127.0.0.1:$port/v1 --label $lb --answers $M/$lb.answers.jsonl $base \
-        --judge-base-url http://127.0.0.1:8000/v1 --judge-max-tokens 512 --limit $LIM --concurrency 32 --quiet \
-        --out $M/$lb.summary.json || echo "mtbench $lb: failed"
-    done
-    kill $SPIDS 2>/dev/null; wait 2>/dev/null ;;
+  mtbench)  # after `qwen`: MT-Bench-style answers and log-probs of Qwen bf16 and its DASH-Q
+            # checkpoints, graded by the bf16 server itself (the largest model served here)
+    PYTHON=python3 DTYPE=bfloat16 OUT_DIR=/tmp/results/mtbench LIMIT=${MTB_LIMIT:-80} MAX_TOKENS=512 \
+      EXTRA_ARGS="--gpu-memory-utilization 0.3" JUDGE_URL=http://127.0.0.1:8100/v1 \
+      bash "$REPO"/benchmarks/mtbench_local.sh /tmp/qwen-hf /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w4g128 \
+      /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w2g32 || echo "mtbench: stopped (resumable)" ;;
 esac
 tar czf "$OUT/results.tgz" -C /tmp/results . && ls -la "$OUT"; ls /tmp/results

@@ -3,7 +3,9 @@
 # behind its own `vllm serve` on 127.0.0.1; answers of the parent, then the judge-free measure
 # (mean log-probability of the parent's answers under each model, and its top-1 agreement), and,
 # when JUDGE_URL is set, 1-10 grades and pairwise verdicts from that judge.
-#   bash benchmarks/mtbench_local.sh PARENT_DIR CKPT_DIR... [env: OUT_DIR, LIMIT, MAX_TOKENS, DTYPE, JUDGE_URL]
+#   bash benchmarks/mtbench_local.sh PARENT_DIR CKPT_DIR...
+#   [env: OUT_DIR, LIMIT, MAX_TOKENS, DTYPE, SEED, JUDGE_URL (e.g. the parent's http://127.0.0.1:8100/v1),
+#    EXTRA_ARGS (more vLLM flags for every server, e.g. --gpu-memory-utilization 0.3 on one GPU), PYTHON]
 set -euo pipefail
 parent=$1; shift
 OUT_DIR=${OUT_DIR:-runs/mtbench}; LIMIT=${LIMIT:-80}; MAX_TOKENS=${MAX_TOKENS:-256}; DTYPE=${DTYPE:-float32}
@@ -16,10 +18,10 @@ serve() {  # port, model dir, label: plain vLLM for the parent, dashq-vllm serve
   local port=$1 dir=$2 label=$3
   if [ -f "$dir/dashq_config.json" ]; then
     $PY -m dashq_vllm.serve.cli serve "$dir" --port "$port" --served-model-name "$label" --dtype "$DTYPE" \
-      --max-model-len 4096 > "$OUT_DIR/server-$label.log" 2>&1 &
+      --max-model-len 4096 ${EXTRA_ARGS:-} > "$OUT_DIR/server-$label.log" 2>&1 &
   else
     $PY -m vllm.entrypoints.openai.api_server --model "$dir" --host 127.0.0.1 --port "$port" \
-      --served-model-name "$label" --dtype "$DTYPE" --max-model-len 4096 > "$OUT_DIR/server-$label.log" 2>&1 &
+      --served-model-name "$label" --dtype "$DTYPE" --max-model-len 4096 ${EXTRA_ARGS:-} > "$OUT_DIR/server-$label.log" 2>&1 &
   fi
   pids+=($!)
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && return 0; sleep 2; done
