@@ -24,6 +24,19 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --
 export PYTHONPATH=/tmp/dashq-site:/tmp/site DASHQ_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 cd /tmp   # the checkout's dashq_vllm/ must not shadow the installed package
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+qwen_hf() {  # /tmp/qwen-hf from the staged GGUF parts
+  [ -d /tmp/qwen-hf ] && return 0
+  mkdir -p /tmp/qwen /tmp/dashq-home && cat /tmp/stage/part??.bin > /tmp/qwen/q.gguf && rm /tmp/stage/part??.bin
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl
+  cp -r /tmp/stage/home/data /tmp/dashq-home/
+  python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; convert_gguf(Path('/tmp/qwen/q.gguf'), Path('/tmp/qwen-hf'), 'qwen2.5-coder-1.5b')"
+}
+qwen_ckpt() {  # BITS GROUP -> prints the checkpoint dir, quantized on the GPU unless it exists
+  local ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w$1g$2
+  [ -d "$ck" ] || python3 -m dashq_vllm.cli quantize /tmp/qwen-hf --out "$ck" --bits $1 --group-size $2 \
+    --nsamples 128 --seqlen 2048 --device cuda --quiet --json /tmp/results/quant-qwen-w$1g$2.json >&2 || return 1
+  echo "$ck"
+}
 step=${1:-throughput}; shift || true
 case "$step" in
   throughput)  # bash benchmarks/gpu_serve.sh throughput [SHAPE] [CONFIGS]
@@ -57,29 +70,36 @@ case "$step" in
     done ;;
   qwen)  # Qwen2.5-Coder-1.5B: GGUF parts staged from .gpuq/q/NN (NN=01..22; 22 also holds the gguf
          # wheel and the texts), converted, quantized on the GPU, perplexity, served with CUDA graphs
-    if [ ! -d /tmp/qwen-hf ]; then
-      mkdir -p /tmp/qwen /tmp/dashq-home && cat /tmp/stage/part??.bin > /tmp/qwen/q.gguf && rm /tmp/stage/part??.bin
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl
-      cp -r /tmp/stage/home/data /tmp/dashq-home/
-      python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; convert_gguf(Path('/tmp/qwen/q.gguf'), Path('/tmp/qwen-hf'), 'qwen2.5-coder-1.5b')" || exit 1
-    fi
+    qwen_hf || exit 1
     [ -f /tmp/results/ppl-qwen-bf16.json ] || python3 -m dashq_vllm.cli eval /tmp/qwen-hf --seqlen 2048 --max-windows 40 \
       --device cuda --json /tmp/results/ppl-qwen-bf16.json --quiet
-    for bg in ${QWEN_SETTINGS:-4:128 2:32}; do
-      b=${bg%:*}; g=${bg#*:}; ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w${b}g${g}
-      [ -d "$ck" ] || python3 -m dashq_vllm.cli quantize /tmp/qwen-hf --out "$ck" --bits $b --group-size $g \
-        --nsamples 128 --seqlen 2048 --device cuda --quiet --json /tmp/results/quant-qwen-w${b}g${g}.json || exit 1
+    for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
+      b=${bg%:*}; g=${bg#*:}; ck=$(qwen_ckpt $b $g) || exit 1
       [ -f /tmp/results/ppl-qwen-w${b}g${g}.json ] || python3 -m dashq_vllm.cli eval "$ck" --seqlen 2048 \
         --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-w${b}g${g}.json --quiet
+      # the float32 reference shares the GPU: the server gets half of it
       grep -q "\"${ck##*/}\"" /tmp/results/serve-qwen-h100.json 2>/dev/null || \
         timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
-          --out /tmp/results/serve-qwen-h100.json -- --max-model-len 4096
+          --out /tmp/results/serve-qwen-h100.json -- --max-model-len 4096 --gpu-memory-utilization 0.5
+    done ;;
+  tp2)  # on nvidia-h200-x2 (Qwen staged as for `qwen`): greedy tokens at tensor parallel 2 against 1
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    qwen_hf || exit 1
+    for bg in ${TP_SETTINGS:-2:32 4:128}; do
+      b=${bg%:*}; g=${bg#*:}; ck=$(qwen_ckpt $b $g) || exit 1; name=${ck##*/}
+      for tp in 1 2; do
+        match=(); [ $tp = 2 ] && match=(--match $name-tp1)
+        grep -q "\"$name-tp$tp\"" /tmp/results/serve-qwen-tp.json 2>/dev/null || \
+          timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
+            --label $name-tp$tp "${match[@]}" --out /tmp/results/serve-qwen-tp.json -- \
+            --max-model-len 4096 --gpu-memory-utilization 0.5 --tensor-parallel-size $tp
+      done
     done ;;
   mtbench)  # after `qwen`: MT-Bench-style answers and log-probs of Qwen bf16 and its DASH-Q
             # checkpoints, graded by the bf16 server itself (the largest model served here)
     PYTHON=python3 DTYPE=bfloat16 OUT_DIR=/tmp/results/mtbench LIMIT=${MTB_LIMIT:-80} MAX_TOKENS=512 \
-      EXTRA_ARGS="--gpu-memory-utilization 0.3" JUDGE_URL=http://127.0.0.1:8100/v1 \
-      bash "$REPO"/benchmarks/mtbench_local.sh /tmp/qwen-hf /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w4g128 \
-      /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w2g32 || echo "mtbench: stopped (resumable)" ;;
+      EXTRA_ARGS="--gpu-memory-utilization 0.3" JUDGE_URL=http://127.0.0.1:8100/v1 CONCURRENCY=64 \
+      timeout -s INT ${MTB_TIMEOUT:-560} bash "$REPO"/benchmarks/mtbench_local.sh /tmp/qwen-hf \
+      /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w{4g128,3g128,2g32} || echo "mtbench: stopped (resumable)" ;;
 esac
 tar czf "$OUT/results.tgz" -C /tmp/results . && ls -la "$OUT"; ls /tmp/results

@@ -5,7 +5,7 @@
 # when JUDGE_URL is set, 1-10 grades and pairwise verdicts from that judge.
 #   bash benchmarks/mtbench_local.sh PARENT_DIR CKPT_DIR...
 #   [env: OUT_DIR, LIMIT, MAX_TOKENS, DTYPE, SEED, JUDGE_URL (e.g. the parent's http://127.0.0.1:8100/v1),
-#    EXTRA_ARGS (more vLLM flags for every server, e.g. --gpu-memory-utilization 0.3 on one GPU), PYTHON]
+#    CONCURRENCY (default 16), EXTRA_ARGS (more vLLM flags for every server, e.g. --gpu-memory-utilization 0.3 on one GPU), PYTHON]
 set -euo pipefail
 parent=$1; shift
 OUT_DIR=${OUT_DIR:-runs/mtbench}; LIMIT=${LIMIT:-80}; MAX_TOKENS=${MAX_TOKENS:-256}; DTYPE=${DTYPE:-float32}
@@ -27,12 +27,14 @@ serve() {  # port, model dir, label: plain vLLM for the parent, dashq-vllm serve
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && return 0; sleep 2; done
   echo "error: $label did not start; see $OUT_DIR/server-$label.log" >&2; return 1
 }
-Q="$PY -m dashq_vllm.benchmarks.mtbench"
+Q="$PY -m dashq_vllm.benchmarks.mtbench"; C=${CONCURRENCY:-16}
 serve 8100 "$parent" parent
 $Q generate --base-url http://127.0.0.1:8100/v1 --label parent --answers "$OUT_DIR/parent.answers.jsonl" \
-  --limit "$LIMIT" --max-tokens "$MAX_TOKENS" --concurrency 16 --seed "${SEED:-0}"
+  --limit "$LIMIT" --max-tokens "$MAX_TOKENS" --concurrency "$C" --seed "${SEED:-0}"
 $Q logprob --base-url http://127.0.0.1:8100/v1 --label parent --baseline-answers "$OUT_DIR/parent.answers.jsonl" \
-  --logprobs "$OUT_DIR/parent.logprobs.jsonl" --limit "$LIMIT" --concurrency 16
+  --logprobs "$OUT_DIR/parent.logprobs.jsonl" --limit "$LIMIT" --concurrency "$C"
+[ -n "${JUDGE_URL:-}" ] && $Q judge --answers "$OUT_DIR/parent.answers.jsonl" --judge-base-url "$JUDGE_URL" \
+  --limit "$LIMIT" --concurrency "$C"
 $Q report --answers "$OUT_DIR/parent.answers.jsonl" --baseline-answers "$OUT_DIR/parent.answers.jsonl" \
   --logprobs "$OUT_DIR/parent.logprobs.jsonl" --limit "$LIMIT" --out "$OUT_DIR/parent.summary.json"
 port=8101
@@ -42,7 +44,7 @@ for ck in "$@"; do
   judge=(); [ -n "${JUDGE_URL:-}" ] && judge=(--judge-base-url "$JUDGE_URL")
   $Q run --base-url "http://127.0.0.1:$port/v1" --label "$label" --answers "$OUT_DIR/$label.answers.jsonl" \
     --baseline-answers "$OUT_DIR/parent.answers.jsonl" --logprobs "$OUT_DIR/$label.logprobs.jsonl" \
-    "${judge[@]}" --limit "$LIMIT" --max-tokens "$MAX_TOKENS" --concurrency 16 --seed "${SEED:-0}" --out "$OUT_DIR/$label.summary.json"
-  kill "${pids[-1]}" 2>/dev/null || true
+    "${judge[@]}" --limit "$LIMIT" --max-tokens "$MAX_TOKENS" --concurrency "$C" --seed "${SEED:-0}" --out "$OUT_DIR/$label.summary.json"
+  kill "${pids[-1]}" 2>/dev/null && wait "${pids[-1]}" 2>/dev/null || true  # frees its GPU memory first
   port=$((port + 1))
 done

@@ -147,7 +147,8 @@ def check_server(base_url: str, ckpt: Path, *, concurrent: int = 0, reference_de
     prompt_ids, ref = reference_tokens(ckpt, prompts, n_tokens, reference_device)
     got = served_tokens(client, model, prompt_ids, n_tokens)
     stats: dict = {"model": model, "agreement": round(agreement(ref, got), 4),
-                   "prompts": len(prompts), "tokens_per_prompt": n_tokens}
+                   "prompts": len(prompts), "tokens_per_prompt": n_tokens,
+                   "reference_tokens": ref, "served_tokens": got}
     stats.update(chat_checks(client, model))
     if concurrent:
         stats["concurrent"] = concurrent_streams(base_url, model, concurrent)
@@ -166,9 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-timeout", type=float, default=900)
     p.add_argument("--label", help="name of this run in --out (default: the checkpoint's name)")
     p.add_argument("--out", type=Path, help="append the result to this JSON file")
+    p.add_argument("--match", metavar="LABEL", help="also require the served greedy tokens to agree with those "
+                   "of run LABEL in --out (e.g. tensor parallel 2 against 1), at least --min-agreement")
     argv = list(sys.argv[1:] if argv is None else argv)
     vllm_args = argv[argv.index("--") + 1:] if "--" in argv else []
     opts = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    doc = json.loads(opts.out.read_text()) if opts.out and opts.out.is_file() else {}
+    if opts.match and "served_tokens" not in doc.get(opts.match, {}):
+        p.error(f"--match {opts.match}: no run of that name with served tokens in {opts.out}")
     t0 = time.perf_counter()
     try:
         if opts.launch:
@@ -184,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
             stats = check_server(opts.base_url, opts.checkpoint, concurrent=opts.concurrent,
                                  reference_device=opts.reference_device)
         ok = stats["agreement"] >= opts.min_agreement
+        if opts.match:
+            m = agreement(doc[opts.match]["served_tokens"], stats["served_tokens"])
+            stats["match"] = {"label": opts.match, "agreement": round(m, 4)}
+            ok = ok and m >= opts.min_agreement
     except CheckError as e:
         stats, ok = {"error": str(e)}, False
     stats.update(vllm_args=vllm_args, passed=ok)
-    print(json.dumps({k: v for k, v in stats.items() if k != "server_log_tail"}, indent=1))
+    print(json.dumps({k: v for k, v in stats.items() if k not in ("server_log_tail", "reference_tokens",
+                                                                  "served_tokens")}, indent=1))
     if opts.out:
-        doc = json.loads(opts.out.read_text()) if opts.out.is_file() else {}
         doc[opts.label or opts.checkpoint.name] = stats
         opts.out.write_text(json.dumps(doc, indent=1))
     return 0 if ok else 1
