@@ -372,12 +372,14 @@ def pair_messages(question: dict, answer_a: list[str], answer_b: list[str], refe
 
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?\]\]")
 _RATING_LINE = re.compile(r"^\W*rating\W*[:=]\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\W*$", re.I | re.M)
+_RATING_BARE = re.compile(r"\A\W*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\W*\Z")  # the whole reply is the grade (small judges)
 _VERDICT = re.compile(r"\[\[\s*(A|B|TIE|C)\s*\]\]", re.I)
 
 
 def parse_rating(text: str | None) -> float | None:
-    """The last ``[[n]]`` (or else a last ``Rating: n`` line) if 1 <= n <= 10; None otherwise."""
-    for pattern in (_RATING, _RATING_LINE):
+    """The last ``[[n]]`` (or else a last ``Rating: n`` line, or else a reply that is only the number)
+    if 1 <= n <= 10; None otherwise."""
+    for pattern in (_RATING, _RATING_LINE, _RATING_BARE):
         found = pattern.findall(text or "")
         if found:
             value = float(found[-1])
@@ -552,8 +554,13 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
+def _rating(rec: dict) -> float | None:
+    """The stored grade, or the judgment text parsed again (judgments written by an older parser)."""
+    return rec["rating"] if rec.get("rating") is not None else parse_rating(rec.get("judgment"))
+
+
 def summarize_single(jobs: list[JudgeJob], by_key: dict[str, dict]) -> dict:
-    rows = [(j.question["category"], j.turn, by_key[j.key].get("rating")) for j in jobs
+    rows = [(j.question["category"], j.turn, _rating(by_key[j.key])) for j in jobs
             if j.kind == "single" and j.key in by_key]
     out: dict[str, Any] = {"per_category": {}}
     for cat in dict.fromkeys(c for c, _, _ in rows):

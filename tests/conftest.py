@@ -41,11 +41,15 @@ def make_tiny_model(path: Path, arch: str = "llama", hidden: int = 96, layers: i
                     seed: int = 0, dtype=torch.bfloat16, heads: int = 4, kv_heads: int = 2, vocab: int = 256,
                     tie: bool = True, init_range: float | None = None) -> Path:
     """A tiny random HF causal LM with a local tokenizer, saved to ``path``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     torch.manual_seed(seed)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "phi3": Phi3Config}[arch]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+           "phi3": Phi3Config, "gemma3": Gemma3TextConfig}[arch]
     extra = {"initializer_range": init_range} if init_range is not None else {}
+    if arch in ("qwen3", "gemma3"):  # their default head_dim (128/256) is not hidden/heads
+        extra["head_dim"] = hidden // heads
     cfg = cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
               tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2, dtype=dtype, **extra)

@@ -382,14 +382,16 @@ def test_loader_rejects_wrong_shape(dense_llama, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["mistral", "phi3"])
+@pytest.mark.parametrize("arch", ["mistral", "phi3", "qwen3", "gemma3"])
 def test_other_architectures(tmp_path, arch):
     # Mistral (vLLM's Llama path with its own config); Phi-3 stores qkv_proj and gate_up_proj
-    # fused on disk: one checkpoint module loaded into all parts of a merged layer.
+    # fused on disk: one checkpoint module loaded into all parts of a merged layer; Qwen3 (q/k
+    # norms, no biases); Gemma-3 text (sliding-window layers, GeGLU, scaled embeddings).
     dense = make_dense(tmp_path / arch, arch=arch, seed=3)
     ckpt = quantize_checkpoint(dense, tmp_path / f"{arch}-w4g32", bits=4, group=32)
     names = set(fmt.load_dashq_config(ckpt).modules)
     assert ("model.layers.0.self_attn.qkv_proj" in names) == (arch == "phi3")
+    assert len(names) == 2 * (4 if arch == "phi3" else 7), sorted(names)  # every linear of both layers
     compare(dense, ckpt, max_tokens=8)
 
 
