@@ -6,7 +6,13 @@
 #   stage:  mkdir -p /tmp/stage && cp -r .gpu/pN/. /tmp/stage/            (carry .gpu/pN, N=1..5)
 #           mkdir -p /tmp/stage/deps && cp .gpu/deps/* /tmp/stage/deps/   (carry .gpu/deps)
 #           cp .gpuq/p1/* /tmp/stage/                                    (carry .gpuq/p1)
-#   run:    bash benchmarks/gpu_serve.sh throughput|smollm2 ...          (carry .gpuq/p2 for smollm2)
+#   run:    bash benchmarks/gpu_serve.sh throughput|online|profile|smollm2 ...   (carry .gpuq/p2 for smollm2)
+#   online: `online llama3-8b` twice (same arguments): a call stops starting servers when its budget
+#           (ONLINE_TIMEOUT 490 s, < 9 min a call with set-up) is nearly spent and the next one resumes at
+#           the first (config, concurrency) not measured; 5 configs x ~130-160 s do not fit one call. Or
+#           by hand: `online llama3-8b fp16,gptq4:128,dashq4:128`, then `online llama3-8b dashq3:128,dashq2:64`.
+#   profile: `profile llama3-8b` (PROFILE_TIMEOUT 270 s): dashq4:128@64, fp16@64, dashq2:64@1, then
+#           gptq4:128@64 if time is left (a second call adds it; PROFILE_RUNS="CFG@BATCH ..." to choose).
 # Every step is resumable: results accumulate under /tmp/results and are copied to $OUT each call.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
@@ -19,8 +25,10 @@ if [ ! -f /tmp/site/.installed ]; then
     /tmp/stage/vllm-0.26.0-*.whl /tmp/stage/deps/*.whl || exit 1
   touch /tmp/site/.installed
 fi
-# our package, fresh from this checkout every call (no deps: the host's torch/triton stay)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/dashq-site "$REPO" >/dev/null || exit 1
+# our package, fresh from this checkout every call (no deps: the host's torch/triton stay);
+# DASHQ_SKIP_INSTALL=1 for a second step started alongside one that installs
+[ -n "${DASHQ_SKIP_INSTALL:-}" ] || \
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/dashq-site "$REPO" >/dev/null || exit 1
 export PYTHONPATH=/tmp/dashq-site:/tmp/site DASHQ_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 cd /tmp   # the checkout's dashq_vllm/ must not shadow the installed package
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -46,6 +54,27 @@ case "$step" in
       --configs "${2:-fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64}" --batches 1,16,64,256 \
       --out /tmp/results/throughput-$shape-h100${TPUT_TAG:-}.json --log-dir /tmp/results/logs --timeout 400 \
       || echo "throughput: stopped (resumable)" ;;
+  online)  # bash benchmarks/gpu_serve.sh online [SHAPE] [CONFIGS]: `vllm bench serve` against `vllm serve`
+           # at max concurrency 1/16/64 (TTFT/TPOT/ITL, output tok/s); resumable per (config, concurrency)
+    shape=${1:-llama3-8b}; budget=${ONLINE_TIMEOUT:-490}
+    [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
+    timeout -s INT -k 20 $budget python3 -m dashq_vllm.benchmarks.serve_bench --shape "$shape" \
+      --configs "${2:-fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64}" --concurrency ${ONLINE_CONCURRENCY:-1,16,64} \
+      --input-len 128 --output-len 256 --out /tmp/results/online-$shape-h100${ONLINE_TAG:-}.json \
+      --raw-dir /tmp/results/online-raw --log-dir /tmp/results/logs --ready-timeout 240 --bench-timeout 150 \
+      --stop-timeout 20 --budget-s $(( budget - 30 )) --min-config-s ${ONLINE_MIN_CONFIG_S:-150} \
+      || echo "online: stopped (resumable)" ;;
+  profile)  # bash benchmarks/gpu_serve.sh profile [SHAPE]: vLLM's torch profiler over 8 decode steps per
+            # CONFIG@BATCH; summaries (JSON + text, KB) in /tmp/results/profile, traces in /tmp/prof-traces
+    shape=${1:-llama3-8b}; t_end=$(( $(date +%s) + ${PROFILE_TIMEOUT:-270} ))
+    [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
+    for run in ${PROFILE_RUNS:-dashq4:128@64 fp16@64 dashq2:64@1 gptq4:128@64}; do
+      left=$(( t_end - $(date +%s) ))
+      [ $left -lt 100 ] && { echo "profile: ${left}s left, $run and later not run (resumable)"; break; }
+      timeout -s INT -k 15 $left python3 -m dashq_vllm.benchmarks.vllm_profile --shape "$shape" --config ${run%@*} \
+        --batch ${run#*@} --steps 8 --out-dir /tmp/results/profile --trace-dir /tmp/prof-traces \
+        --log-dir /tmp/results/logs --timeout $(( left - 15 )) || echo "profile $run: failed or stopped"
+    done ;;
   kernels)  # v5: sweep the "wide" GEMM against dequant + cuBLAS at mid/large M, check, bench
     mkdir -p /tmp/results/k
     timeout -s INT ${KERNELS_TIMEOUT:-560} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
@@ -80,7 +109,35 @@ case "$step" in
       # the float32 reference shares the GPU: the server gets half of it
       grep -q "\"${ck##*/}\"" /tmp/results/serve-qwen-h100.json 2>/dev/null || \
         timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
-          --out /tmp/results/serve-qwen-h100.json -- --max-model-len 4096 --gpu-memory-utilization 0.5
+          --out /tmp/results/serve-qwen-h100.json -- --dtype float16 --max-model-len 4096 --gpu-memory-utilization 0.5
+    done ;;
+  qwen-ckpts)  # Qwen converted, DASH-Q checkpoints of QWEN_SETTINGS quantized side by side (one process
+               # per setting, spread over the GPUs), then their perplexity
+    qwen_hf || exit 1
+    ngpu=$(nvidia-smi -L | wc -l); i=0
+    for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
+      CUDA_VISIBLE_DEVICES=$(( i % ngpu )) qwen_ckpt ${bg%:*} ${bg#*:} > /tmp/results/quant-qwen-${bg/:/g}.log 2>&1 &
+      i=$((i + 1))
+    done
+    wait
+    for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
+      b=${bg%:*}; g=${bg#*:}; ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w${b}g${g}
+      [ -f /tmp/results/ppl-qwen-w${b}g${g}.json ] || python3 -m dashq_vllm.cli eval "$ck" --seqlen 2048 \
+        --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-w${b}g${g}.json --quiet
+    done ;;
+  kernels-ab)  # the kernels at HEAD checked (every bits x group x dtype x path), then timed at M=1/16
+               # against an older copy of kernels/triton_kernels.py (AB_OLD, default .gpuq/diag/triton_kernels_old.py)
+    mkdir -p /tmp/results/kab
+    if [ ! -d /tmp/dashq-site-old ]; then
+      rm -rf /tmp/repo-old && mkdir /tmp/repo-old && (cd "$REPO" && tar cf - --exclude=./.gpu --exclude=./.gpuq --exclude=./.venv .) | tar xf - -C /tmp/repo-old
+      cp "${AB_OLD:-$REPO/.gpuq/diag/triton_kernels_old.py}" /tmp/repo-old/kernels/triton_kernels.py
+      python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/dashq-site-old /tmp/repo-old >/dev/null || exit 1
+    fi
+    timeout -s INT 200 python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/kab --sections info,check --tag _check
+    for v in new old; do
+      site=/tmp/dashq-site; [ $v = old ] && site=/tmp/dashq-site-old
+      PYTHONPATH=$site:/tmp/site timeout -s INT 150 python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/kab \
+        --sections info,bench,graph --quick --bench-m 1,16 --tag _$v
     done ;;
   tp2)  # on nvidia-h200-x2 (Qwen staged as for `qwen`): greedy tokens at tensor parallel 2 against 1
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -92,13 +149,18 @@ case "$step" in
         grep -q "\"$name-tp$tp\"" /tmp/results/serve-qwen-tp.json 2>/dev/null || \
           timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
             --label $name-tp$tp "${match[@]}" --out /tmp/results/serve-qwen-tp.json -- \
-            --max-model-len 4096 --gpu-memory-utilization 0.5 --tensor-parallel-size $tp
+            --dtype float16 --max-model-len 4096 --gpu-memory-utilization ${TP_GPU_UTIL:-0.5} --tensor-parallel-size $tp
       done
     done ;;
-  mtbench)  # after `qwen`: MT-Bench-style answers and log-probs of Qwen bf16 and its DASH-Q
-            # checkpoints, graded by the bf16 server itself (the largest model served here)
+  mtbench)  # after `qwen-ckpts`: MT-Bench-style answers and log-probs of Qwen bf16 and its DASH-Q
+            # checkpoints, graded by the bf16 server itself (the largest model served here); the
+            # parent's answers, grades and log-probs of an earlier run (in the repo) are reused
+    mkdir -p /tmp/results/mtbench
+    for f in "$REPO"/benchmarks/results/qwen-h100/mtbench/parent.*.jsonl; do
+      [ -f "/tmp/results/mtbench/${f##*/}" ] || cp "$f" /tmp/results/mtbench/
+    done
     PYTHON=python3 DTYPE=bfloat16 OUT_DIR=/tmp/results/mtbench LIMIT=${MTB_LIMIT:-80} MAX_TOKENS=512 \
-      EXTRA_ARGS="--gpu-memory-utilization 0.3" JUDGE_URL=http://127.0.0.1:8100/v1 CONCURRENCY=64 \
+      EXTRA_ARGS="--gpu-memory-utilization ${MTB_GPU_UTIL:-0.3} --enforce-eager" JUDGE_URL=http://127.0.0.1:8100/v1 CONCURRENCY=64 \
       timeout -s INT ${MTB_TIMEOUT:-560} bash "$REPO"/benchmarks/mtbench_local.sh /tmp/qwen-hf \
       /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w{4g128,3g128,2g32} || echo "mtbench: stopped (resumable)" ;;
 esac

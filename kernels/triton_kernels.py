@@ -79,6 +79,34 @@ def _plane_codes(words, c: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _tile_words(qw_ptr, t, BITS: tl.constexpr, K, offs_n, mask_n, N):
+    """Every plane word K tile t needs, loaded once: the main plane's (two halves at 8 bits) and,
+    at 3 bits, the 1-bit plane stored after the 2-bit plane's K / 16 rows."""
+    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
+    main_a = _plane_words(qw_ptr, t, 0, WIDTH, offs_n, mask_n, N)
+    main_b = main_a
+    if WIDTH == 8:  # 32 rows per block: a second half
+        main_b = _plane_words(qw_ptr, t, 1, WIDTH, offs_n, mask_n, N)
+    hi = main_a
+    if BITS == 3:
+        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 1, offs_n, mask_n, N)
+    return main_a, main_b, hi
+
+
+@triton.jit
+def _chunk_codes(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr):
+    """Codes (16, BLOCK_N) of chunk c of the tile from :func:`_tile_words`' words."""
+    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
+    main = main_a
+    if WIDTH == 8 and c % 2 == 1:
+        main = main_b
+    q = _plane_codes(main, c, WIDTH)
+    if BITS == 3:
+        q = q | (_plane_codes(hi, c, 1) << 2)
+    return q
+
+
+@triton.jit
 def _exact_float(codes):
     """int32 codes in [0, 2**23) -> float32 without I2F: the bits of 2**23 + q, minus 2**23."""
     return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -136,7 +164,6 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                         HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
     """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); K % KT == 0.
     ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y."""
-    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
     KT: tl.constexpr = 128  # K tile: one block of every plane
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
@@ -157,13 +184,7 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
     acc_z = tl.zeros((1, BLOCK_N), dtype=tl.float32)  # GEMV: sum(x) * szeros
     for t in range(per_split * pid_k, t_end):
         k0 = t * KT
-        main_a = _plane_words(qw_ptr, t, 0, WIDTH, offs_n, mask_n, N)
-        main_b = main_a
-        if WIDTH == 8:  # 32 rows per block: a second half
-            main_b = _plane_words(qw_ptr, t, 1, WIDTH, offs_n, mask_n, N)
-        hi = main_a
-        if BITS == 3:
-            hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 1, offs_n, mask_n, N)
+        main_a, main_b, hi = _tile_words(qw_ptr, t, BITS, K, offs_n, mask_n, N)
         # per-group state, (re)set at each group's first chunk (defined here: static-if scoping)
         s = tl.zeros((1, BLOCK_N), dtype=tl.float32)
         z = tl.zeros((1, BLOCK_N), dtype=tl.float32)
@@ -172,12 +193,7 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
         sum_xz = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # SCALED: x @ ones, on the tensor cores
         for c in tl.static_range(KT // 16):
             offs_k = k0 + c * 16 + r16
-            main = main_a
-            if WIDTH == 8 and c % 2 == 1:
-                main = main_b
-            q = _plane_codes(main, c, WIDTH)
-            if BITS == 3:
-                q = q | (_plane_codes(hi, c, 1) << 2)
+            q = _chunk_codes(main_a, main_b, hi, c, BITS)
             if c % CPG == 0:  # first chunk of a group
                 s = _group_row(s_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N)
                 z = _group_row(z_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N)
@@ -266,24 +282,12 @@ def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, 
                          BLOCK_N: tl.constexpr):
     """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS).
     grid = (K / 128, N tiles)."""
-    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    main_a = _plane_words(qw_ptr, t, 0, WIDTH, offs_n, mask_n, N)
-    main_b = main_a
-    if WIDTH == 8:
-        main_b = _plane_words(qw_ptr, t, 1, WIDTH, offs_n, mask_n, N)
-    hi = main_a
-    if BITS == 3:
-        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 1, offs_n, mask_n, N)
+    main_a, main_b, hi = _tile_words(qw_ptr, t, BITS, K, offs_n, mask_n, N)
     for c in tl.static_range(8):
-        main = main_a
-        if WIDTH == 8 and c % 2 == 1:
-            main = main_b
-        q = _plane_codes(main, c, WIDTH)
-        if BITS == 3:
-            q = q | (_plane_codes(hi, c, 1) << 2)
+        q = _chunk_codes(main_a, main_b, hi, c, BITS)
         k = t * 128 + c * 16
         s = _group_row(s_ptr, k, GROUP, offs_n, mask_n, N)
         z = _group_row(z_ptr, k, GROUP, offs_n, mask_n, N)
