@@ -5,7 +5,9 @@
 # when JUDGE_URL is set, 1-10 grades and pairwise verdicts from that judge.
 #   bash benchmarks/mtbench_local.sh PARENT_DIR CKPT_DIR...
 #   [env: OUT_DIR, LIMIT, MAX_TOKENS, DTYPE, SEED, JUDGE_URL (e.g. the parent's http://127.0.0.1:8100/v1),
-#    CONCURRENCY (default 16), EXTRA_ARGS (more vLLM flags for every server, e.g. --gpu-memory-utilization 0.3 on one GPU), PYTHON]
+#    JUDGE_MAX_TOKENS (default 1024), CONCURRENCY (default 16), PORT (the parent's port, default 8100;
+#    checkpoints get PORT+1, PORT+2, ...), EXTRA_ARGS (more vLLM flags for every server, e.g.
+#    --gpu-memory-utilization 0.3 on one GPU), PYTHON]
 set -euo pipefail
 parent=$1; shift
 OUT_DIR=${OUT_DIR:-runs/mtbench}; LIMIT=${LIMIT:-80}; MAX_TOKENS=${MAX_TOKENS:-256}; DTYPE=${DTYPE:-float32}
@@ -24,24 +26,29 @@ serve() {  # port, model dir, label: plain vLLM for the parent, dashq-vllm serve
       --served-model-name "$label" --dtype "$DTYPE" --max-model-len 4096 ${EXTRA_ARGS:-} > "$OUT_DIR/server-$label.log" 2>&1 &
   fi
   pids+=($!)
-  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && return 0; sleep 2; done
+  for _ in $(seq 300); do
+    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && return 0
+    kill -0 "${pids[-1]}" 2>/dev/null || break  # exited: no point in waiting
+    sleep 2
+  done
   echo "error: $label did not start; see $OUT_DIR/server-$label.log" >&2; return 1
 }
-Q="$PY -m dashq_vllm.benchmarks.mtbench"; C=${CONCURRENCY:-16}
-serve 8100 "$parent" parent
-$Q generate --base-url http://127.0.0.1:8100/v1 --label parent --answers "$OUT_DIR/parent.answers.jsonl" \
+Q="$PY -m dashq_vllm.benchmarks.mtbench"; C=${CONCURRENCY:-16}; PORT=${PORT:-8100}
+JM=(); [ -n "${JUDGE_MAX_TOKENS:-}" ] && JM=(--judge-max-tokens "$JUDGE_MAX_TOKENS")
+serve "$PORT" "$parent" parent
+$Q generate --base-url "http://127.0.0.1:$PORT/v1" --label parent --answers "$OUT_DIR/parent.answers.jsonl" \
   --limit "$LIMIT" --max-tokens "$MAX_TOKENS" --concurrency "$C" --seed "${SEED:-0}"
-$Q logprob --base-url http://127.0.0.1:8100/v1 --label parent --baseline-answers "$OUT_DIR/parent.answers.jsonl" \
+$Q logprob --base-url "http://127.0.0.1:$PORT/v1" --label parent --baseline-answers "$OUT_DIR/parent.answers.jsonl" \
   --logprobs "$OUT_DIR/parent.logprobs.jsonl" --limit "$LIMIT" --concurrency "$C"
 [ -n "${JUDGE_URL:-}" ] && $Q judge --answers "$OUT_DIR/parent.answers.jsonl" --judge-base-url "$JUDGE_URL" \
-  --limit "$LIMIT" --concurrency "$C"
+  "${JM[@]}" --limit "$LIMIT" --concurrency "$C"
 $Q report --answers "$OUT_DIR/parent.answers.jsonl" --baseline-answers "$OUT_DIR/parent.answers.jsonl" \
   --logprobs "$OUT_DIR/parent.logprobs.jsonl" --limit "$LIMIT" --out "$OUT_DIR/parent.summary.json"
-port=8101
+port=$((PORT + 1))
 for ck in "$@"; do
   label=$(basename "$ck")
   serve $port "$ck" "$label"
-  judge=(); [ -n "${JUDGE_URL:-}" ] && judge=(--judge-base-url "$JUDGE_URL")
+  judge=(); [ -n "${JUDGE_URL:-}" ] && judge=(--judge-base-url "$JUDGE_URL" "${JM[@]}")
   $Q run --base-url "http://127.0.0.1:$port/v1" --label "$label" --answers "$OUT_DIR/$label.answers.jsonl" \
     --baseline-answers "$OUT_DIR/parent.answers.jsonl" --logprobs "$OUT_DIR/$label.logprobs.jsonl" \
     "${judge[@]}" --limit "$LIMIT" --max-tokens "$MAX_TOKENS" --concurrency "$C" --seed "${SEED:-0}" --out "$OUT_DIR/$label.summary.json"
