@@ -112,19 +112,14 @@ case "$step" in
           --out /tmp/results/serve-qwen-h100.json -- --dtype float16 --max-model-len 4096 --gpu-memory-utilization 0.5
     done ;;
   qwen-ckpts)  # Qwen converted, DASH-Q checkpoints of QWEN_SETTINGS quantized side by side (one process
-               # per setting, spread over the GPUs), then their perplexity
+               # per setting, spread over the GPUs); their perplexity is the `ppl` step
     qwen_hf || exit 1
     ngpu=$(nvidia-smi -L | wc -l); i=0
     for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
       CUDA_VISIBLE_DEVICES=$(( i % ngpu )) qwen_ckpt ${bg%:*} ${bg#*:} > /tmp/results/quant-qwen-${bg/:/g}.log 2>&1 &
       i=$((i + 1))
     done
-    wait
-    for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
-      b=${bg%:*}; g=${bg#*:}; ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w${b}g${g}
-      [ -f /tmp/results/ppl-qwen-w${b}g${g}.json ] || python3 -m dashq_vllm.cli eval "$ck" --seqlen 2048 \
-        --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-w${b}g${g}.json --quiet
-    done ;;
+    wait; tail -n 2 /tmp/results/quant-qwen-*.log ;;
   kernels-ab)  # the kernels at HEAD checked (every bits x group x dtype x path), then timed at M=1/16
                # against an older copy of kernels/triton_kernels.py (AB_OLD, default .gpuq/diag/triton_kernels_old.py)
     mkdir -p /tmp/results/kab
@@ -133,12 +128,15 @@ case "$step" in
       cp "${AB_OLD:-$REPO/.gpuq/diag/triton_kernels_old.py}" /tmp/repo-old/kernels/triton_kernels.py
       python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/dashq-site-old /tmp/repo-old >/dev/null || exit 1
     fi
-    timeout -s INT 200 python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/kab --sections info,check --tag _check
-    for v in new old; do
+    parts=${KAB_PARTS:-check bench}  # "check" alone can share the GPU with other work; "bench" cannot
+    [[ $parts == *check* ]] && timeout -s INT ${KAB_CHECK_TIMEOUT:-200} python3 "$REPO"/benchmarks/bench_kernels.py \
+      --out /tmp/results/kab --sections info,check --tag _check
+    [[ $parts == *bench* ]] && for v in new old; do
       site=/tmp/dashq-site; [ $v = old ] && site=/tmp/dashq-site-old
       PYTHONPATH=$site:/tmp/site timeout -s INT 150 python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/kab \
         --sections info,bench,graph --quick --bench-m 1,16 --tag _$v
-    done ;;
+    done; true ;;
+  install) ;;  # only the installs above (then steps side by side with DASHQ_SKIP_INSTALL=1)
   tp2)  # on nvidia-h200-x2 (Qwen staged as for `qwen`): greedy tokens at tensor parallel 2 against 1
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     qwen_hf || exit 1
@@ -152,16 +150,36 @@ case "$step" in
             --dtype float16 --max-model-len 4096 --gpu-memory-utilization ${TP_GPU_UTIL:-0.5} --tensor-parallel-size $tp
       done
     done ;;
-  mtbench)  # after `qwen-ckpts`: MT-Bench-style answers and log-probs of Qwen bf16 and its DASH-Q
-            # checkpoints, graded by the bf16 server itself (the largest model served here); the
-            # parent's answers, grades and log-probs of an earlier run (in the repo) are reused
-    mkdir -p /tmp/results/mtbench
-    for f in "$REPO"/benchmarks/results/qwen-h100/mtbench/parent.*.jsonl; do
-      [ -f "/tmp/results/mtbench/${f##*/}" ] || cp "$f" /tmp/results/mtbench/
+  mtbench)  # after `qwen-ckpts`: MT-Bench-style answers and log-probs of Qwen's DASH-Q checkpoints
+            # (MTB_CKPTS, default w4g128 w3g128 w2g32), graded by the bf16 parent (the largest model served
+            # here). One mtbench_local.sh per checkpoint, side by side on the GPU(s), each with its own
+            # parent server as judge and its own directory holding a copy of the parent's answers, grades
+            # and log-probs of an earlier run (in the repo), so that nothing of the parent is redone
+    mkdir -p /tmp/results/mtbench; i=0; pids=()
+    ngpu=$(nvidia-smi -L | wc -l)
+    for name in ${MTB_CKPTS:-w4g128 w3g128 w2g32}; do
+      ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-$name; d=/tmp/results/mtbench/$name
+      [ -d "$ck" ] || { echo "mtbench: $ck missing (run qwen-ckpts first)"; continue; }
+      mkdir -p "$d"
+      for f in "$REPO"/benchmarks/results/qwen-h100/mtbench/parent.*.jsonl; do
+        [ -f "$d/${f##*/}" ] || cp "$f" "$d/"
+      done
+      port=$(( 8100 + 10 * i ))
+      CUDA_VISIBLE_DEVICES=$(( i % ngpu )) PYTHON=python3 DTYPE=bfloat16 OUT_DIR=$d LIMIT=${MTB_LIMIT:-80} MAX_TOKENS=512 \
+        PORT=$port JUDGE_URL=http://127.0.0.1:$port/v1 CONCURRENCY=${MTB_CONCURRENCY:-128} \
+        EXTRA_ARGS="--gpu-memory-utilization ${MTB_GPU_UTIL:-0.12} --enforce-eager" \
+        timeout -s INT ${MTB_TIMEOUT:-500} bash "$REPO"/benchmarks/mtbench_local.sh /tmp/qwen-hf "$ck" \
+        > /tmp/results/mtbench/$name.log 2>&1 &
+      pids+=($!); i=$(( i + 1 ))
+      sleep ${MTB_STAGGER:-20}  # servers start one after another: vLLM sizes its KV cache from free memory
     done
-    PYTHON=python3 DTYPE=bfloat16 OUT_DIR=/tmp/results/mtbench LIMIT=${MTB_LIMIT:-80} MAX_TOKENS=512 \
-      EXTRA_ARGS="--gpu-memory-utilization ${MTB_GPU_UTIL:-0.3} --enforce-eager" JUDGE_URL=http://127.0.0.1:8100/v1 CONCURRENCY=64 \
-      timeout -s INT ${MTB_TIMEOUT:-560} bash "$REPO"/benchmarks/mtbench_local.sh /tmp/qwen-hf \
-      /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w{4g128,3g128,2g32} || echo "mtbench: stopped (resumable)" ;;
+    for p in "${pids[@]}"; do wait "$p" || echo "mtbench: an instance stopped (resumable)"; done
+    tail -n 3 /tmp/results/mtbench/*.log ;;
+  ppl)  # perplexity of QWEN_SETTINGS' checkpoints (after qwen-ckpts), bf16 parent included
+    for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
+      b=${bg%:*}; g=${bg#*:}; ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w${b}g${g}
+      [ -f /tmp/results/ppl-qwen-w${b}g${g}.json ] || timeout ${PPL_TIMEOUT:-300} python3 -m dashq_vllm.cli eval "$ck" \
+        --seqlen 2048 --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-w${b}g${g}.json --quiet
+    done ;;
 esac
 tar czf "$OUT/results.tgz" -C /tmp/results . && ls -la "$OUT"; ls /tmp/results

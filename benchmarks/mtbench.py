@@ -726,6 +726,60 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_summaries(summaries: list[dict], png: Path, labels: list[str] | None = None, title: str = "") -> None:
+    """One figure from several ``report`` summaries: the judge's mean grade per turn (left) and the
+    judge-free measure, top-1 agreement with the baseline's answers (right), one bar group per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = labels or [s["model"] for s in summaries]
+    if len(labels) != len(summaries):
+        raise MTBenchError(f"{len(labels)} labels for {len(summaries)} summaries")
+    xs = list(range(len(summaries)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    w = 0.27
+    for k, (key, name) in enumerate((("turn1", "turn 1"), ("turn2", "turn 2"), ("overall", "overall"))):
+        ys = [s.get("single", {}).get(key) for s in summaries]
+        bars = ax1.bar([x + (k - 1) * w for x in xs], [float("nan") if y is None else y for y in ys], w, label=name)
+        ax1.bar_label(bars, labels=["" if y is None else f"{y:.2f}" for y in ys], fontsize=7, padding=1)
+    judges = {s["judge"]["model"] for s in summaries if s.get("judge")}
+    ax1.set_title(f"LLM-judge grade (judge: {', '.join(sorted(judges)) or '-'})", fontsize=10)
+    ax1.set_ylabel("mean grade, 1-10")
+    ax1.set_ylim(0, 10)
+    ax1.legend(fontsize=8, loc="lower left")
+    top1 = [s.get("logprob", {}).get("top1_agreement") for s in summaries]
+    bars = ax2.bar(xs, [float("nan") if y is None else 100 * y for y in top1], 0.6, color="tab:green")
+    ax2.bar_label(bars, labels=["" if y is None else f"{100 * y:.1f}%" for y in top1], fontsize=8, padding=1)
+    bases = {s["logprob"]["baseline"] for s in summaries if s.get("logprob")}
+    ax2.set_title(f"top-1 agreement with {', '.join(sorted(bases)) or '-'}'s answers (judge-free)", fontsize=10)
+    ax2.set_ylabel("% of answer tokens")
+    ax2.set_ylim(0, 105)
+    for ax in (ax1, ax2):
+        ax.set_xticks(xs, labels, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    questions = summaries[0]["questions"]["count"] if summaries else 0
+    fig.suptitle(f"MT-Bench-style{', ' + title if title else ''}, {questions} questions x 2 turns", fontsize=11)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=130)
+    plt.close(fig)
+
+
+def cmd_plot(args) -> int:
+    summaries = []
+    for path in args.summaries:
+        try:
+            summaries.append(json.loads(Path(path).expanduser().read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise MTBenchError(f"{path}: not a readable summary JSON ({e})") from None
+    labels = args.labels.split(",") if args.labels else None
+    plot_summaries(summaries, Path(args.out).expanduser(), labels, args.title)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -868,6 +922,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="the model, when there is no --answers")
     report_args(p)
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("plot", parents=[common], help="PNG of grades and top-1 agreement from summary JSONs")
+    p.add_argument("summaries", nargs="+", metavar="SUMMARY", help="summary JSONs written by report/run --out")
+    p.add_argument("--out", required=True, metavar="PNG")
+    p.add_argument("--labels", help="comma-separated bar labels (default: each summary's model)")
+    p.add_argument("--title", default="", help="e.g. the model family, shown in the figure's title")
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("run", parents=[common], help="generate, then judge (with --judge-base-url), log-probability "
                                                      "(with --baseline-answers) and report")
     model_args(p)

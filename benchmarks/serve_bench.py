@@ -38,13 +38,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from . import throughput as T
+from .procs import run_bounded
 
 VLLM_CLI = ["-m", "vllm.entrypoints.cli.main"]
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -369,14 +369,7 @@ def run_config(opts: argparse.Namespace, cfg: dict, todo: list[int], doc: dict, 
                 cmd = cmds[group[0]]
                 log_name = f"online-{opts.shape}-{cfg['name']}-c{group[0]}-client.log"
             t = time.monotonic()
-            try:
-                proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
-                                      timeout=min(opts.bench_timeout * len(group), max(left - 5, 1)))
-                out, code = proc.stdout + proc.stderr, proc.returncode
-            except subprocess.TimeoutExpired as e:
-                out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
-                              for x in (e.stdout, e.stderr) if x)
-                code = "timeout"
+            out, code = run_bounded(cmd, min(opts.bench_timeout * len(group), max(left - 5, 1)))
             if opts.log_dir:
                 (Path(opts.log_dir) / log_name).write_text(
                     "".join("+ " + " ".join(cmds[c]) + "\n" for c in group) + out)

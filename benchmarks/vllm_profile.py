@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from ..serve.cli import _cpu_only
 from . import throughput as T
+from .procs import run_bounded
 
 TRACE_GLOB = "*.pt.trace.json*"
 CATEGORIES = [  # first match wins; names are matched lower-cased
@@ -280,12 +280,7 @@ def run(opts: argparse.Namespace, cfg: dict, work: Path) -> dict:
     if _cpu_only():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     t = time.time()
-    try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=opts.timeout, env=env)
-        log, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        log = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr) if x)
-        code = "timeout"
+    log, code = run_bounded(cmd, opts.timeout, env)
     if opts.log_dir:
         Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
         (Path(opts.log_dir) / f"profile-{prefix}.log").write_text("+ " + " ".join(cmd) + "\n" + log)

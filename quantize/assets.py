@@ -424,6 +424,8 @@ def convert_gguf(gguf: Path, out: Path, name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .model_io import model_from_config
+
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16,
                                                **_dequantize_kwargs())
@@ -431,7 +433,7 @@ def convert_gguf(gguf: Path, out: Path, name: str) -> dict:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # transformers will not save a GGUF-loaded model
     config._name_or_path = name
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = model_from_config(config, torch.bfloat16)
     model.load_state_dict(src.state_dict(), strict=True)
     model.generation_config = src.generation_config
     del src

@@ -494,3 +494,26 @@ def test_run_does_every_step(stub, judge_stub, qfiles, tmp_path):
     assert s["pairwise"]["tie"] == 4 and s["pairwise"]["win_rate"] == 0.0
     assert s["logprob"]["tokens"] == 8 and s["logprob"]["mean_logprob"] == pytest.approx(-1.25)
     assert (tmp_path / "w4.judgments.jsonl").is_file() and (tmp_path / "w4.logprobs.jsonl").is_file()
+
+
+def test_plot_from_summaries(stub, judge_stub, qfiles, tmp_path, capsys):
+    baseline = jsonl(tmp_path / "fp16.answers.jsonl", [
+        {"question_id": q["question_id"], "category": q["category"], "model": "fp16", "turns": ["good", "bad"]}
+        for q in QUESTIONS])
+    out = tmp_path / "w4.summary.json"
+    assert run_cli("run", *qfiles, "--base-url", stub.url, "--label", "w4", "--answers", str(tmp_path / "w4.answers.jsonl"),
+                   "--baseline-answers", baseline, "--judge-base-url", judge_stub.url, "--out", str(out)) == 0
+    png = tmp_path / "plots" / "mt.png"
+    # a summary without grades (judge-free only) plots next to a graded one
+    bare = tmp_path / "bare.summary.json"
+    s = json.loads(out.read_text())
+    s.pop("single")
+    bare.write_text(json.dumps(s))
+    assert run_cli("plot", str(out), str(bare), "--labels", "a,b", "--title", "tiny", "--out", str(png)) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    capsys.readouterr()
+    assert run_cli("plot", str(out), "--labels", "a,b", "--out", str(png)) == 2
+    assert "2 labels for 1 summaries" in capsys.readouterr().err
+    (tmp_path / "torn.json").write_text("{")
+    assert run_cli("plot", str(tmp_path / "torn.json"), "--out", str(png)) == 2
+    assert "not a readable summary JSON" in capsys.readouterr().err

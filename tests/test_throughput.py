@@ -39,3 +39,36 @@ def test_parse_log():
     assert T.parse_log(log) == {"weights_gib": 5.43, "kv_cache_tokens": 522976, "max_concurrency": 127.68,
                                 "vllm_kernels": ["MacheteLinearKernel"]}
     assert T.parse_log("nothing") == {}
+
+
+def test_run_bounded_kills_the_whole_process_group(tmp_path):
+    """A worker's own children (vLLM's engine processes) must not outlive a timeout."""
+    import os
+    import sys
+    import time
+
+    from dashq_vllm.benchmarks.procs import TIMEOUT, run_bounded
+
+    pidfile = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+              "print('started', flush=True)\n"
+              "time.sleep(120)\n")
+    t = time.monotonic()
+    out, code = run_bounded([sys.executable, "-c", script], timeout=3, grace=1)
+    assert code == TIMEOUT and "started" in out and time.monotonic() - t < 30
+    pid = int(pidfile.read_text())
+    for _ in range(50):  # gone, or a zombie waiting for init to reap it
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the grandchild survived the timeout")
+    out, code = run_bounded([sys.executable, "-c", "import sys; print('ok'); sys.exit(3)"], timeout=30)
+    assert (out.strip(), code) == ("ok", 3)
