@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# The GPU calls behind issue 3's GPU acceptance and issue 4's throughput table (device tool, H100).
+# The GPU calls behind issue 3's GPU acceptance and issue 4's benchmarks (device tool, H100/H200).
 # vLLM 0.26.0 comes from ../shared/gpu/bundle-vllm.sh (.gpu/p1..p5 + .gpu/deps, each <= 64 MiB a
-# call) and SmolLM2's GGUF from .gpuq/p1 (part 0) and .gpuq/p2 (part 1, gguf wheel, texts).
-# Back-to-back calls, machine warm (/tmp survives while it is):
+# call), SmolLM2's GGUF from .gpuq/p1 (part 0) and .gpuq/p2 (part 1, gguf wheel, texts), Qwen's from
+# `python -m dashq_vllm.benchmarks.gpu_stage_qwen` (.gpuq/q/01..22; 22 also holds the gguf wheel and
+# home/data with news, wiki and mtbench). Back-to-back calls, machine warm (/tmp survives while it
+# is; each staging call costs ~20 s of device time, Qwen's 22 ~7.5 min):
 #   stage:  mkdir -p /tmp/stage && cp -r .gpu/pN/. /tmp/stage/            (carry .gpu/pN, N=1..5)
 #           mkdir -p /tmp/stage/deps && cp .gpu/deps/* /tmp/stage/deps/   (carry .gpu/deps)
 #           cp .gpuq/p1/* /tmp/stage/                                    (carry .gpuq/p1)
-#   run:    bash benchmarks/gpu_serve.sh throughput|online|profile|smollm2 ...   (carry .gpuq/p2 for smollm2)
+#           cp -r .gpuq/q/NN/. /tmp/stage/                               (carry .gpuq/q/NN, NN=01..22)
+#   run:    bash benchmarks/gpu_serve.sh STEP ...   (carry .gpuq/p2 for smollm2, .gpuq/diag for kernels-ab)
+#   install: only installs vLLM and this checkout; then steps can run side by side with
+#           DASHQ_SKIP_INSTALL=1 (e.g. `KAB_PARTS=check ... kernels-ab &` next to `qwen-ckpts`).
+#   qwen-ckpts / ppl / mtbench: Qwen's DASH-Q checkpoints (three side by side on one H200: ~190 s),
+#           their perplexity, then MT-Bench-style answers graded by the bf16 parent (~240 s for three).
 #   online: `online llama3-8b` twice (same arguments): a call stops starting servers when its budget
 #           (ONLINE_TIMEOUT 490 s, < 9 min a call with set-up) is nearly spent and the next one resumes at
 #           the first (config, concurrency) not measured; 5 configs x ~130-160 s do not fit one call. Or
@@ -14,6 +21,8 @@
 #   profile: `profile llama3-8b` (PROFILE_TIMEOUT 270 s): dashq4:128@64, fp16@64, dashq2:64@1, then
 #           gptq4:128@64 if time is left (a second call adds it; PROFILE_RUNS="CFG@BATCH ..." to choose).
 # Every step is resumable: results accumulate under /tmp/results and are copied to $OUT each call.
+# Keep every call's own timeouts well under the device's 600 s per call (what is not tarred to $OUT
+# when the call is killed is lost).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
   VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site DASHQ_HOME=/tmp/dashq-home
