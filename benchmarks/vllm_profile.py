@@ -42,9 +42,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from ..serve.cli import _cpu_only
 from . import throughput as T
-from .procs import run_bounded
+from .procs import run_bounded, sigterm_as_interrupt, vllm_env_overrides
 
 TRACE_GLOB = "*.pt.trace.json*"
 CATEGORIES = [  # first match wins; names are matched lower-cased
@@ -276,9 +275,7 @@ def run(opts: argparse.Namespace, cfg: dict, work: Path) -> dict:
            "--prefix", prefix]
     if opts.eager:
         cmd.append("--eager")
-    env = dict(os.environ)
-    if _cpu_only():
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env = {**os.environ, **vllm_env_overrides()}
     t = time.time()
     log, code = run_bounded(cmd, opts.timeout, env)
     if opts.log_dir:
@@ -353,12 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {stem}: already in {opts.out_dir}, skipped")
         return 0
     print(f"# {stem} ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="dashq-prof-") as tmp:
-        try:
+    try:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="dashq-prof-") as tmp:
             doc = run(opts, cfg, opts.work or Path(tmp))
-        except RuntimeError as e:
-            print(f"# {stem} FAILED: {str(e)[-3000:]}", flush=True)
-            return 1
+    except RuntimeError as e:
+        print(f"# {stem} FAILED: {str(e)[-3000:]}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"# {stem}: interrupted", flush=True)
+        return 130
     doc.update(shape=opts.shape, settings={k: getattr(opts, k) for k in ("input_len", "steps", "kv_len", "dtype",
                                                                             "gpu_memory_utilization", "eager")},
                environment=T.environment())

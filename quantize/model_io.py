@@ -53,7 +53,9 @@ def model_from_config(config, dtype: torch.dtype):
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped with the init above; a no-op unless tie_word_embeddings
+    return model
 
 
 def load_tokenizer(path: str | Path):

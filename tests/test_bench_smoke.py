@@ -134,7 +134,7 @@ def _finite(*values) -> bool:
 
 
 def _free_port_pair() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (mtbench_local.sh serves its checkpoint on PORT+1)."""
+    """A port P with P and P+1 both free on 127.0.0.1 (mtbench_local.sh serves its checkpoint on MTB_PORT+1)."""
     for _ in range(50):
         with socket.socket() as a:
             a.bind(("127.0.0.1", 0))
@@ -207,7 +207,7 @@ def test_mtbench_local_sh(mtbench_asset, parent, parent_ckpt, work):
     out_dir, limit, max_tokens = work / "mtbench", 2, 16
     port = _free_port_pair()
     env = {"OUT_DIR": str(out_dir), "LIMIT": str(limit), "MAX_TOKENS": str(max_tokens), "SEED": "-1",
-           "CONCURRENCY": "4", "PORT": str(port), "JUDGE_URL": f"http://127.0.0.1:{port}/v1",
+           "CONCURRENCY": "4", "MTB_PORT": str(port), "JUDGE_URL": f"http://127.0.0.1:{port}/v1",
            "JUDGE_MAX_TOKENS": "32", "EXTRA_ARGS": "--enforce-eager", "PYTHON": PY}
     run(["bash", "benchmarks/mtbench_local.sh", str(parent), str(parent_ckpt)], timeout=480,
         log=work / "logs" / "mtbench_local.log", env=env, logs=[out_dir])

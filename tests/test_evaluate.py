@@ -80,3 +80,19 @@ def test_zero_shot_uses_task_docs(model_tok, monkeypatch):
     monkeypatch.setattr(data, "get_task_docs", lambda task: docs)
     res = evaluate.zero_shot(model, tok, ["piqa"], limit=3, progress=False)
     assert res["piqa"]["n"] == 3 and 0 <= res["piqa"]["acc"] <= 1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_from_config_skips_init_but_keeps_ties_and_buffers(tied):
+    from transformers import LlamaConfig
+
+    from dashq_vllm.quantize.model_io import model_from_config
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = model_from_config(cfg, torch.float32)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert (emb.data_ptr() == head.data_ptr()) == tied
+    assert ("lm_head.weight" in model.state_dict()) or tied
+    ref = model.model.rotary_emb.inv_freq  # computed in __init__, not by the skipped init
+    assert torch.isfinite(ref).all() and ref[0] == 1.0

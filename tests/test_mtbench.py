@@ -517,3 +517,10 @@ def test_plot_from_summaries(stub, judge_stub, qfiles, tmp_path, capsys):
     (tmp_path / "torn.json").write_text("{")
     assert run_cli("plot", str(tmp_path / "torn.json"), "--out", str(png)) == 2
     assert "not a readable summary JSON" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"results": {}}')
+    assert run_cli("plot", str(tmp_path / "other.json"), "--out", str(png)) == 2
+    assert "not a summary written by" in capsys.readouterr().err
+    s["questions"]["count"] = 3
+    bare.write_text(json.dumps(s))
+    assert run_cli("plot", str(out), str(bare), "--out", str(png)) == 2
+    assert "different numbers of questions" in capsys.readouterr().err

@@ -229,6 +229,26 @@ def test_budget_stops_before_a_configuration(tmp_path, monkeypatch, capsys):
     assert json.loads(out.read_text())["results"] == {}
 
 
+def test_failed_configuration_exits_1_until_it_succeeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "environment", lambda: {})
+    out = tmp_path / "o.json"
+    args = ["--shape", "tiny", "--configs", "fp16", "--concurrency", "1", "--out", str(out)]
+
+    def broken(*a):
+        raise RuntimeError("server exited with status 1")
+
+    monkeypatch.setattr(S, "run_config", broken)
+    assert S.main(args) == 1
+    assert "server exited" in json.loads(out.read_text())["results"]["_failed"]["fp16"]
+
+    def works(o, cfg, todo, d, work, t_end):
+        d["results"].setdefault(cfg["name"], {"config": cfg, "levels": {}})["levels"]["1"] = {"complete": True}
+
+    monkeypatch.setattr(S, "run_config", works)
+    assert S.main(args) == 0
+    assert json.loads(out.read_text())["results"]["_failed"] == {}
+
+
 def test_client_times_and_markdown():
     out = "x\n=== level c=1 start\n...\n=== level c=1 end rc=0 s=12.50\n=== level c=16 end rc=1 s=3.00\n"
     assert S.client_times(out) == {1: 12.5, 16: 3.0}

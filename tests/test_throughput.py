@@ -43,7 +43,6 @@ def test_parse_log():
 
 def test_run_bounded_kills_the_whole_process_group(tmp_path):
     """A worker's own children (vLLM's engine processes) must not outlive a timeout."""
-    import os
     import sys
     import time
 
@@ -58,17 +57,68 @@ def test_run_bounded_kills_the_whole_process_group(tmp_path):
     t = time.monotonic()
     out, code = run_bounded([sys.executable, "-c", script], timeout=3, grace=1)
     assert code == TIMEOUT and "started" in out and time.monotonic() - t < 30
-    pid = int(pidfile.read_text())
+    _assert_gone(int(pidfile.read_text()))
+    out, code = run_bounded([sys.executable, "-c", "import sys; print('ok'); sys.exit(3)"], timeout=30)
+    assert (out.strip(), code) == ("ok", 3)
+
+
+def test_run_bounded_returns_when_the_command_exits_even_if_its_children_linger(tmp_path):
+    """A worker that printed its result and exited is not a timeout because an engine it started
+    still holds the output pipe; the lingering child is killed."""
+    import sys
+    import time
+
+    from dashq_vllm.benchmarks.procs import run_bounded
+
+    pidfile = tmp_path / "child.pid"
+    script = ("import subprocess, sys\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+              "print('RESULT ok', flush=True)\n"
+              "sys.stderr.write('done\\n')\n")
+    t = time.monotonic()
+    out, code = run_bounded([sys.executable, "-c", script], timeout=60)
+    assert code == 0 and out.splitlines() == ["RESULT ok", "done"] and time.monotonic() - t < 20
+    _assert_gone(int(pidfile.read_text()))
+
+
+def test_run_bounded_takes_the_worker_down_when_the_driver_is_interrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pidfile = tmp_path / "worker.pid"
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    driver = ("import sys\n"
+              "from dashq_vllm.benchmarks.procs import run_bounded, sigterm_as_interrupt\n"
+              "with sigterm_as_interrupt():\n"
+              "    try:\n"
+              f"        run_bounded([sys.executable, {str(worker)!r}], timeout=120, grace=1)\n"
+              "    except KeyboardInterrupt:\n"
+              "        sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    for _ in range(200):
+        if pidfile.is_file() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    _assert_gone(int(pidfile.read_text()))
+
+
+def _assert_gone(pid: int) -> None:
+    import os
+    import time
+
     for _ in range(50):  # gone, or a zombie waiting for init to reap it
         try:
             state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
         except FileNotFoundError:
-            break
+            return
         if state == "Z":
-            break
+            return
         time.sleep(0.1)
-    else:
-        os.kill(pid, 9)
-        raise AssertionError("the grandchild survived the timeout")
-    out, code = run_bounded([sys.executable, "-c", "import sys; print('ok'); sys.exit(3)"], timeout=30)
-    assert (out.strip(), code) == ("ok", 3)
+    os.kill(pid, 9)
+    raise AssertionError(f"process {pid} survived")
