@@ -11,11 +11,13 @@ group no longer reach a worker in its own session.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 TIMEOUT = "timeout"
 
@@ -41,6 +43,21 @@ def run_bounded(cmd: Sequence[str], timeout: float | None, env: Mapping[str, str
         _signal_group(proc.pid, signal.SIGKILL)  # engine processes that outlived their parent
         log.seek(0)
         return log.read().decode(errors="replace"), code
+
+
+def run_worker(cmd: Sequence[str], timeout: float | None, name: str, log_path: Path | None = None,
+               log_header: str = "") -> tuple[dict, str]:
+    """Run a benchmark worker (with :func:`vllm_env_overrides`), keep its log at ``log_path`` and
+    return (the JSON of its ``RESULT {...}`` line, its log); RuntimeError naming ``name`` when it
+    fails, times out or prints no result."""
+    log, code = run_bounded(cmd, timeout, {**os.environ, **vllm_env_overrides()})
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(log_header + log)
+    line = next((ln for ln in log.splitlines() if ln.startswith("RESULT ")), None)
+    if code != 0 or line is None:
+        raise RuntimeError(f"{name}: worker failed (exit {code}):\n{log[-4000:]}")
+    return json.loads(line[len("RESULT "):]), log
 
 
 def vllm_env_overrides() -> dict[str, str]:

@@ -446,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {k: getattr(opts, k) for k in ("input_len", "output_len", "kv_len", "dtype", "gpu_memory_utilization",
                                               "eager", "prompts_per_level", "min_prompts", "server_arg")}
-    if doc.get("settings") and any(doc["settings"].get(k) != v for k, v in settings.items()
-                                   if k in ("input_len", "output_len", "dtype", "eager")):
+    if doc.get("settings") and any(doc["settings"][k] != v for k, v in settings.items() if k in doc["settings"]):
         print(f"error: {opts.out} was measured with other settings ({doc['settings']}); use another --out",
               file=sys.stderr)
         return 2

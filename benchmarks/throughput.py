@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .procs import run_bounded, sigterm_as_interrupt, vllm_env_overrides
+from .procs import run_worker, sigterm_as_interrupt
 
 # Decoder shapes (Hugging Face config.json fields). "llama3-70b-20l" is a 70B-class layer stack:
 # Llama-3-70B's layer shapes with 20 of its 80 layers, so fp16 fits one 80 GB GPU.
@@ -212,16 +212,9 @@ def run_config(opts: argparse.Namespace, cfg: dict, work: Path) -> dict:
            "--reps", str(opts.reps), "--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
     if opts.eager:
         cmd.append("--eager")
-    env = {**os.environ, **vllm_env_overrides()}
     t = time.perf_counter()
-    log, code = run_bounded(cmd, opts.timeout, env)
-    if opts.log_dir:
-        Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(opts.log_dir) / f"throughput-{opts.shape}-{cfg['name']}.log").write_text(log)
-    line = next((ln for ln in log.splitlines() if ln.startswith("RESULT ")), None)
-    if code != 0 or line is None:
-        raise RuntimeError(f"{cfg['name']}: worker failed (exit {code}):\n{log[-4000:]}")
-    res = json.loads(line[len("RESULT "):])
+    log_path = Path(opts.log_dir) / f"throughput-{opts.shape}-{cfg['name']}.log" if opts.log_dir else None
+    res, log = run_worker(cmd, opts.timeout, cfg["name"], log_path)
     res.update(parse_log(log), config=cfg, total_s=round(time.perf_counter() - t, 1))
     return res
 

@@ -34,7 +34,6 @@ import argparse
 import gzip
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from . import throughput as T
-from .procs import run_bounded, sigterm_as_interrupt, vllm_env_overrides
+from .procs import run_worker, sigterm_as_interrupt
 
 TRACE_GLOB = "*.pt.trace.json*"
 CATEGORIES = [  # first match wins; names are matched lower-cased
@@ -275,15 +274,9 @@ def run(opts: argparse.Namespace, cfg: dict, work: Path) -> dict:
            "--prefix", prefix]
     if opts.eager:
         cmd.append("--eager")
-    env = {**os.environ, **vllm_env_overrides()}
     t = time.time()
-    log, code = run_bounded(cmd, opts.timeout, env)
-    if opts.log_dir:
-        Path(opts.log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(opts.log_dir) / f"profile-{prefix}.log").write_text("+ " + " ".join(cmd) + "\n" + log)
-    line = next((ln for ln in log.splitlines() if ln.startswith("RESULT ")), None)
-    if code != 0 or line is None:
-        raise RuntimeError(f"{prefix}: worker failed ({code}):\n{log[-4000:]}")
+    log_path = Path(opts.log_dir) / f"profile-{prefix}.log" if opts.log_dir else None
+    res, log = run_worker(cmd, opts.timeout, prefix, log_path, log_header="+ " + " ".join(cmd) + "\n")
     trace = None
     for _ in range(30):  # written by the engine process; normally there already
         trace = find_trace(opts.trace_dir, prefix)
@@ -292,7 +285,6 @@ def run(opts: argparse.Namespace, cfg: dict, work: Path) -> dict:
         time.sleep(1)
     if trace is None or trace.stat().st_mtime < t - 1:
         raise RuntimeError(f"{prefix}: no new trace {prefix}_{TRACE_GLOB} in {opts.trace_dir}:\n{log[-3000:]}")
-    res = json.loads(line[len("RESULT "):])
     res.update(T.parse_log(log))
     # torch's own key-averages table, which vLLM writes next to the trace (0.26: profiler_out_<rank>.txt,
     # shared by every run in the directory; 0.32: <prefix>_rank<r>.profiler_out.txt)
