@@ -488,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     doc["results"].get("_failed", {}).pop(cfg["name"], None)
                 finally:
+                    if not doc["results"].get("_failed"):
+                        doc["results"].pop("_failed", None)
                     _write_json(opts.out, doc)
     except KeyboardInterrupt:
         stopped = "interrupted"

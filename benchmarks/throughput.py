@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["settings"] = {k: getattr(opts, k) for k in ("batches", "input_len", "output_len", "kv_len", "dtype", "reps", "gpu_memory_utilization", "eager")}
     doc["environment"] = environment()
     results = doc.setdefault("results", {})
-    failed = results.setdefault("_failed", {})
+    failed = results.pop("_failed", {})  # back in the file only while something has failed
     try:
         with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="dashq-tput-") as tmp:
             work = opts.work or Path(tmp)
@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                     failed[cfg["name"]] = str(e)[-2000:]
                     continue
                 finally:
+                    if failed:
+                        results["_failed"] = failed
+                    else:
+                        results.pop("_failed", None)
                     if opts.out:
                         opts.out.write_text(json.dumps(doc, indent=1))
                 r = results[cfg["name"]]

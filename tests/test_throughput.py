@@ -122,3 +122,22 @@ def _assert_gone(pid: int) -> None:
         time.sleep(0.1)
     os.kill(pid, 9)
     raise AssertionError(f"process {pid} survived")
+
+
+def test_main_records_failures_until_they_succeed(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "environment", lambda: {})
+    monkeypatch.setattr(T, "write_model_dir", lambda *a: None)
+    out = tmp_path / "t.json"
+    args = ["--shape", "tiny", "--configs", "fp16", "--batches", "1", "--out", str(out)]
+
+    def broken(*a):
+        raise RuntimeError("fp16: worker failed (exit timeout)")
+
+    monkeypatch.setattr(T, "run_config", broken)
+    assert T.main(args) == 1
+    assert "exit timeout" in json.loads(out.read_text())["results"]["_failed"]["fp16"]
+    monkeypatch.setattr(T, "run_config", lambda o, cfg, work: {"rows": [{"batch": 1, "output_tok_s": 5.0}],
+                                                                "startup_s": 1.0})
+    assert T.main(args) == 0
+    res = json.loads(out.read_text())["results"]
+    assert "_failed" not in res and res["fp16"]["rows"][0]["output_tok_s"] == 5.0
