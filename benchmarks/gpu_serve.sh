@@ -57,6 +57,11 @@ qwen_ckpt() {  # BITS GROUP -> prints the checkpoint dir, quantized on the GPU u
     --nsamples 128 --seqlen 2048 --device cuda --quiet --json /tmp/results/quant-qwen-w$1g$2.json >&2 || return 1
   echo "$ck"
 }
+qwen_ppl() {  # MODEL_DIR TAG: wiki perplexity into /tmp/results/ppl-qwen-TAG.json unless it is there
+              # (bounded by PPL_TIMEOUT seconds when set)
+  [ -f /tmp/results/ppl-qwen-$2.json ] || timeout ${PPL_TIMEOUT:-0} python3 -m dashq_vllm.cli eval "$1" \
+    --seqlen 2048 --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-$2.json --quiet
+}
 step=${1:-throughput}; shift || true
 case "$step" in
   throughput)  # bash benchmarks/gpu_serve.sh throughput [SHAPE] [CONFIGS]
@@ -112,12 +117,10 @@ case "$step" in
   qwen)  # Qwen2.5-Coder-1.5B: GGUF parts staged from .gpuq/q/NN (NN=01..22; 22 also holds the gguf
          # wheel and the texts), converted, quantized on the GPU, perplexity, served with CUDA graphs
     qwen_hf || exit 1
-    [ -f /tmp/results/ppl-qwen-bf16.json ] || python3 -m dashq_vllm.cli eval /tmp/qwen-hf --seqlen 2048 --max-windows 40 \
-      --device cuda --json /tmp/results/ppl-qwen-bf16.json --quiet
+    qwen_ppl /tmp/qwen-hf bf16
     for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
       b=${bg%:*}; g=${bg#*:}; ck=$(qwen_ckpt $b $g) || exit 1
-      [ -f /tmp/results/ppl-qwen-w${b}g${g}.json ] || python3 -m dashq_vllm.cli eval "$ck" --seqlen 2048 \
-        --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-w${b}g${g}.json --quiet
+      qwen_ppl "$ck" w${b}g${g}
       # the float32 reference shares the GPU: the server gets half of it
       grep -q "\"${ck##*/}\"" /tmp/results/serve-qwen-$GPU_TAG.json 2>/dev/null || \
         timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
@@ -190,11 +193,10 @@ case "$step" in
     done
     for p in "${pids[@]}"; do wait "$p" || echo "mtbench: an instance stopped (resumable)"; done
     tail -n 3 /tmp/results/mtbench/*.log ;;
-  ppl)  # perplexity of QWEN_SETTINGS' checkpoints (after qwen-ckpts), bf16 parent included
+  ppl)  # perplexity of QWEN_SETTINGS' checkpoints (after qwen-ckpts), PPL_TIMEOUT (default 300 s) each
+    PPL_TIMEOUT=${PPL_TIMEOUT:-300}
     for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do
-      b=${bg%:*}; g=${bg#*:}; ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w${b}g${g}
-      [ -f /tmp/results/ppl-qwen-w${b}g${g}.json ] || timeout ${PPL_TIMEOUT:-300} python3 -m dashq_vllm.cli eval "$ck" \
-        --seqlen 2048 --max-windows 40 --device cuda --json /tmp/results/ppl-qwen-w${b}g${g}.json --quiet
+      qwen_ppl /tmp/ckpt/qwen2.5-coder-1.5b-dashq-w${bg/:/g} w${bg/:/g}
     done ;;
 esac
 tar czf "$OUT/results.tgz" -C /tmp/results . && ls -la "$OUT"; ls /tmp/results

@@ -32,9 +32,9 @@ serve() {  # port, model dir, label: plain vLLM for the parent, dashq-vllm serve
   fi
   pids+=($!)
   for _ in $(seq 300); do
-    # ready when it lists this label (not some other server left on the port) and is still ours
-    curl -sf "http://127.0.0.1:$port/v1/models" 2>/dev/null | grep -q "\"$label\"" && kill -0 "${pids[-1]}" 2>/dev/null && return 0
     kill -0 "${pids[-1]}" 2>/dev/null || break  # exited: no point in waiting
+    # ready when it lists this label (not some other server that took the port)
+    curl -sf "http://127.0.0.1:$port/v1/models" 2>/dev/null | grep -q "\"$label\"" && return 0
     sleep 2
   done
   echo "error: $label did not start; see $OUT_DIR/server-$label.log" >&2; return 1
