@@ -1,35 +1,54 @@
 #!/usr/bin/env bash
-# Quality benchmark of SmolLM2-135M on the lent GPU (device tool), seqlen 2048.
-# The GGUF travels in two parts (transfer limit): call 1 stages part 0 in /tmp/stage, the next
-# calls (machine still warm) run this script, which is resumable: results accumulate in /tmp and
-# are copied to $OUT at the end of every call.
-#   call 1: mkdir -p /tmp/stage && cp .gpuq/p1/* /tmp/stage/            (carry .gpuq/p1)
-#   call 2+: bash benchmarks/gpu_quality.sh NSAMPLES_LIST [extra]      (carry .gpuq/p2)
-set -euo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-NS=${1:-128,2}
-if [ ! -d /tmp/smol-hf ]; then
-  mkdir -p /tmp/smol
-  cat /tmp/stage/smolpart0 .gpuq/p2/smolpart1 > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256sum /tmp/smol/*.gguf
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .gpuq/p2/gguf-*.whl .
-  export PYTHONPATH=/tmp/site
-  mkdir -p /tmp/dashq-home && cp -r .gpuq/p2/home/data /tmp/dashq-home/
+# Quality benchmark (benchmarks/quality.py) on the lent GPU (device tool), no vLLM needed.
+# Stage each model first, back to back (the machine goes back after 30 s idle; /tmp survives while
+# it is warm): `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` here, then one call per
+# folder:  mkdir -p /tmp/stage && cp -r .gpuq/MODEL/NN/. /tmp/stage/     (carry .gpuq/MODEL/NN)
+# Then, as often as needed (resumable: finished configurations are kept in /tmp/results and
+# copied to $OUT, with a tarball of everything, at the end of every call):
+#   bash benchmarks/gpu_quality.sh MODEL [MODEL ...]
+# one quality.py per model side by side, each running QUALITY_JOBS (default 3) configurations at
+# once; QUALITY_TIMEOUT (default 480 s) bounds the call. Every configuration: 128 and 2 calibration
+# samples x 2048 tokens of news, perplexity on 40 x 2048 wiki tokens, zero-shot tasks (limit
+# QUALITY_LIMIT, default 200) for the source and the 128-sample runs. SOLVER_SPEED=1 first times the
+# solvers alone on the GPU (solver_speed.py, SOLVER_MODELS default qwen2.5-1.5b, 2-bit g64 and 4-bit
+# g128, nothing beside it).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  DASHQ_HOME=/tmp/dashq-home
+REPO=$(pwd)
+. "$REPO"/benchmarks/gpu_common.sh
+mkdir -p /tmp/results
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/dashq-site "$REPO" >/dev/null || exit 1
+export PYTHONPATH=/tmp/dashq-site:/tmp/site
+cd /tmp   # the checkout's dashq_vllm/ must not shadow the installed package
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+GPU_TAG=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o -i 'h[0-9]\+' | head -n 1 | tr 'H' 'h')}
+GPU_TAG=${GPU_TAG:-gpu}
+deadline=$(( $(date +%s) + ${QUALITY_TIMEOUT:-480} ))
+finish() { (cd /tmp/results && tar czf "$OUT"/quality-results.tgz .) ; cp /tmp/results/*.json "$OUT"/ 2>/dev/null; true; }
+if [ -n "${SOLVER_SPEED:-}" ]; then
+  for m in ${SOLVER_MODELS:-qwen2.5-1.5b}; do
+    for bg in 2:64 4:128; do
+      f=/tmp/results/solver-speed-$m-w${bg/:/g}-$GPU_TAG.json
+      [ -f "$f" ] || python3 -m dashq_vllm.benchmarks.solver_speed --model $m --bits ${bg%:*} --group-size ${bg#*:} \
+        --out "$f" | tail -n 3
+    done
+  done
 fi
-# Run from outside the checkout: its dashq_vllm/ folder would shadow the installed package.
-cd /tmp
-if [ ! -d /tmp/smol-hf ]; then
-  export PYTHONPATH=/tmp/site
-  python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; print(convert_gguf(Path('/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('/tmp/smol-hf'), 'smollm2-135m'))"
-fi
-export PYTHONPATH=/tmp/site DASHQ_HOME=/tmp/dashq-home
-# Resume from the results of an earlier call when they travel with this one.
-[ -f /tmp/quality-smollm2-135m-h100.json ] || cp "$OLDPWD"/.gpuq/p2/quality-smollm2-135m-h100.json /tmp/ 2>/dev/null || true
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout ${QUALITY_TIMEOUT:-480} python3 -m dashq_vllm.benchmarks.quality --model /tmp/smol-hf \
-  --settings "${SETTINGS:-2:32,2:64,3:64,3:128,4:128}" --methods rtn,gptq,dashq --nsamples "$NS" --seqlen 2048 \
-  --eval-windows 40 --device cuda --workdir /tmp/qwork --out /tmp/quality-smollm2-135m-h100.json || echo "quality: stopped (resumable)"
-cp /tmp/quality-smollm2-135m-h100.json "$OUT/" || true
-if [ "${2:-}" = "speed" ]; then
-  python3 -m dashq_vllm.benchmarks.solver_speed --bits 2 --group-size 64 --out "$OUT/solver-speed-llama3-8b-h100.json" | tail -8
-fi
+pids=()
+for model in "$@"; do
+  (
+    stage_model "$model" /tmp/models/"$model" > /tmp/results/stage-"$model".log 2>&1 || { tail -n 5 /tmp/results/stage-"$model".log; exit 1; }
+    left=$(( deadline - $(date +%s) ))
+    [ $left -gt 30 ] || exit 0
+    timeout -s INT $left python3 -m dashq_vllm.benchmarks.quality --model /tmp/models/"$model" \
+      --settings "${SETTINGS:-2:32,2:64,3:64,3:128,4:128}" --methods rtn,gptq,dashq --nsamples 128,2 \
+      --seqlen 2048 --eval-windows 40 --tasks all --limit "${QUALITY_LIMIT:-200}" --task-nsamples 128 \
+      --jobs "${QUALITY_JOBS:-3}" --device cuda --workdir /tmp/qwork-"$model" \
+      --out /tmp/results/quality-"$model"-$GPU_TAG.json > /tmp/results/quality-"$model".log 2>&1
+    echo "$model: quality.py exit $? ($(grep -c '^\[quality\] .*: {' /tmp/results/quality-"$model".log) configurations this call)"
+  ) &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+finish

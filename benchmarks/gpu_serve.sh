@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # The GPU calls behind issue 3's GPU acceptance and issue 4's benchmarks (device tool, H100/H200).
 # vLLM 0.26.0 comes from ../shared/gpu/bundle-vllm.sh (.gpu/p1..p5 + .gpu/deps, each <= 64 MiB a
-# call), SmolLM2's GGUF from .gpuq/p1 (part 0) and .gpuq/p2 (part 1, gguf wheel, texts), Qwen's from
-# `python -m dashq_vllm.benchmarks.gpu_stage_qwen` (.gpuq/q/01..22; 22 also holds the gguf wheel and
-# home/data with news, wiki and mtbench). Back-to-back calls, machine warm (/tmp survives while it
-# is; each staging call costs ~20 s of device time, Qwen's 22 ~7.5 min):
+# call), the models from `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (.gpuq/MODEL/NN:
+# SmolLM2 2 folders, Qwen 19; the last also holds the gguf wheel and every data asset).
+# Back-to-back calls, machine warm (/tmp survives while it is; each staging call costs ~20 s of
+# device time, Qwen's 19 ~6.5 min):
 #   stage:  mkdir -p /tmp/stage && cp -r .gpu/pN/. /tmp/stage/            (carry .gpu/pN, N=1..5)
 #           mkdir -p /tmp/stage/deps && cp .gpu/deps/* /tmp/stage/deps/   (carry .gpu/deps)
-#           cp .gpuq/p1/* /tmp/stage/                                    (carry .gpuq/p1)
-#           cp -r .gpuq/q/NN/. /tmp/stage/                               (carry .gpuq/q/NN, NN=01..22)
-#   run:    bash benchmarks/gpu_serve.sh STEP ...   (carry .gpuq/p2 for smollm2, .gpuq/diag for kernels-ab)
+#           mkdir -p /tmp/stage && cp -r .gpuq/MODEL/NN/. /tmp/stage/    (carry .gpuq/MODEL/NN)
+#   run:    bash benchmarks/gpu_serve.sh STEP ...   (carry .gpuq/diag for kernels-ab)
 #   install: only installs vLLM and this checkout; then steps can run side by side with
 #           DASHQ_SKIP_INSTALL=1 (e.g. `KAB_PARTS=check ... kernels-ab &` next to `qwen-ckpts`).
 #   qwen-ckpts / ppl / mtbench: Qwen's DASH-Q checkpoints (three side by side on one H200: ~190 s),
@@ -27,6 +26,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
   VLLM_NO_USAGE_STATS=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site DASHQ_HOME=/tmp/dashq-home
 REPO=$(pwd)
+. "$REPO"/benchmarks/gpu_common.sh
 mkdir -p /tmp/results
 if [ ! -f /tmp/site/.installed ]; then
   cat /tmp/stage/vllm.part* > /tmp/stage/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
@@ -44,13 +44,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # result files are named after the GPU (h100, h200, ...)
 GPU_TAG=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o -i 'h[0-9]\+' | head -n 1 | tr 'H' 'h')}
 GPU_TAG=${GPU_TAG:-gpu}
-qwen_hf() {  # /tmp/qwen-hf from the staged GGUF parts
-  [ -d /tmp/qwen-hf ] && return 0
-  mkdir -p /tmp/qwen /tmp/dashq-home && cat /tmp/stage/part??.bin > /tmp/qwen/q.gguf && rm /tmp/stage/part??.bin
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl
-  cp -r /tmp/stage/home/data /tmp/dashq-home/
-  python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; convert_gguf(Path('/tmp/qwen/q.gguf'), Path('/tmp/qwen-hf'), 'qwen2.5-coder-1.5b')"
-}
+qwen_hf() { stage_model qwen2.5-coder-1.5b /tmp/qwen-hf; }  # /tmp/qwen-hf from the staged GGUF
 qwen_ckpt() {  # BITS GROUP -> prints the checkpoint dir, quantized on the GPU unless it exists
   local ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w$1g$2
   [ -d "$ck" ] || python3 -m dashq_vllm.cli quantize /tmp/qwen-hf --out "$ck" --bits $1 --group-size $2 \
@@ -99,12 +93,7 @@ case "$step" in
       --sweep-shapes qkv,o,gate_up,down --sweep-keep-buckets 32,64,128,256,512,1024 --sweep-budget-s 240 \
       --bench-m 1,16,32,64,128,256,1024,4096 --tag _v5 || echo "kernels: stopped" ;;
   smollm2)  # quantize SmolLM2 on the GPU, serve 4-bit and 2-bit (dashq_config.json only) with CUDA graphs
-    if [ ! -d /tmp/smol-hf ]; then
-      mkdir -p /tmp/smol /tmp/dashq-home && cat /tmp/stage/smolpart0 "$REPO"/.gpuq/p2/smolpart1 > /tmp/smol/s.gguf
-      python3 -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.gpuq/p2/gguf-*.whl
-      cp -r "$REPO"/.gpuq/p2/home/data /tmp/dashq-home/
-      python3 -c "from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; convert_gguf(Path('/tmp/smol/s.gguf'), Path('/tmp/smol-hf'), 'smollm2-135m')" || exit 1
-    fi
+    stage_model smollm2-135m /tmp/smol-hf || exit 1
     for bg in 4:128 2:32; do
       b=${bg%:*}; g=${bg#*:}; ck=/tmp/ckpt/smollm2-135m-dashq-w${b}g${g}
       [ -d "$ck" ] || python3 -m dashq_vllm.cli quantize /tmp/smol-hf --out "$ck" --bits $b --group-size $g \
@@ -114,8 +103,8 @@ case "$step" in
         timeout 400 python3 -m dashq_vllm.serve.check "$ck" --launch --reference-device cuda --concurrent 32 \
           --label "${ck##*/}-fp16" --out /tmp/results/serve-smollm2-$GPU_TAG.json -- --dtype float16 --max-model-len 2048
     done ;;
-  qwen)  # Qwen2.5-Coder-1.5B: GGUF parts staged from .gpuq/q/NN (NN=01..22; 22 also holds the gguf
-         # wheel and the texts), converted, quantized on the GPU, perplexity, served with CUDA graphs
+  qwen)  # Qwen2.5-Coder-1.5B (staged from .gpuq/qwen2.5-coder-1.5b/NN): converted, quantized on the
+         # GPU, perplexity, served with CUDA graphs
     qwen_hf || exit 1
     qwen_ppl /tmp/qwen-hf bf16
     for bg in ${QWEN_SETTINGS:-4:128 2:32 3:128}; do

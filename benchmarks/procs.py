@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -81,6 +82,52 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+class Stopped(Exception):
+    """The worker was killed by :meth:`WorkerGroups.stop_all` (its result must not be recorded)."""
+
+
+class WorkerGroups:
+    """Workers started from several threads, each in its own session, all killed (with everything
+    they started) by :meth:`stop_all`, e.g. from the main thread when the driver is interrupted."""
+
+    def __init__(self, grace: float = 10.0):
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.grace = grace
+
+    def run(self, cmd: Sequence[str]) -> subprocess.CompletedProcess:
+        """Run ``cmd`` to completion (stdout and stderr captured); :class:`Stopped` if
+        :meth:`stop_all` was called before or while it ran."""
+        with self._lock:
+            if self._stopped.is_set():
+                raise Stopped
+            proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            self._procs.add(proc)
+        try:
+            out, err = proc.communicate()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+            _signal_group(proc.pid, signal.SIGKILL)  # whatever it left behind
+        if self._stopped.is_set():
+            raise Stopped
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            self._stopped.set()
+            procs = list(self._procs)
+        for proc in procs:
+            _signal_group(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=self.grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
 
 
 def _stop_group(proc: subprocess.Popen, grace: float) -> None:

@@ -4,7 +4,9 @@ time and peak RSS per run.
 
 Each quantization and evaluation runs as its own `dashq-vllm` subprocess (so peak RSS is per run),
 results accumulate in one JSON file and the run is resumable: configurations already in the
-file are skipped. Not a test: numbers are measured, nothing is asserted.
+file are skipped. ``--jobs N`` runs N configurations at once (on one GPU: wall and solver times then
+include the contention; time the solvers alone with solver_speed.py). Not a test: numbers are
+measured, nothing is asserted.
 
     python -m dashq_vllm.benchmarks.quality --model smollm2-135m \\
         --settings 2:32,2:64,3:64,3:128,4:128 --methods rtn,gptq,dashq --nsamples 128,2 \\
@@ -18,31 +20,49 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .procs import Stopped, WorkerGroups, sigterm_as_interrupt
+from .throughput import environment
 
 CLI = [sys.executable, "-m", "dashq_vllm.cli"]
 
 
+WORKERS = WorkerGroups()
+
+
 def run_json(args: list[str], json_path: Path) -> dict:
-    proc = subprocess.run(CLI + args + ["--json", str(json_path), "--quiet"], capture_output=True, text=True)
+    proc = WORKERS.run(CLI + args + ["--json", str(json_path), "--quiet"])
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
     return json.loads(json_path.read_text())
 
 
-def evaluate(model: str, opts, tmp: Path) -> dict:
+def evaluate(model: str, opts, tmp: Path, tasks: bool) -> dict:
     args = ["eval", model, "--ppl", opts.eval_text, "--seqlen", str(opts.eval_seqlen),
             "--max-windows", str(opts.eval_windows), "--device", opts.device]
-    if opts.tasks:
+    if tasks:
         args += ["--tasks", opts.tasks, "--limit", str(opts.limit)]
     t0 = time.perf_counter()
     res = run_json(args, tmp / "eval.json")
     res["eval_s"] = time.perf_counter() - t0
     return res
+
+
+def gets_tasks(tasks: str, task_nsamples: str, method: str, nsamples: int | None) -> bool:
+    """Whether a configuration is also scored on the zero-shot tasks: all of them when
+    ``task_nsamples`` is "all", else the source, RTN (no calibration) and the runs calibrated on
+    one of the listed sample counts."""
+    if not tasks:
+        return False
+    if task_nsamples == "all" or method in ("fp16", "rtn"):
+        return True
+    return nsamples in {int(x) for x in task_nsamples.split(",")}
 
 
 def config_key(method: str, bits: int | None, group: int | None, nsamples: int | None) -> str:
@@ -62,6 +82,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--tasks", default="", help="zero-shot tasks (comma-separated), empty for none")
     p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--task-nsamples", default="all",
+                   help="calibration sample counts whose runs also get the zero-shot tasks (the source and RTN "
+                        "always do), e.g. 128; default all")
+    p.add_argument("--jobs", type=int, default=1, help="configurations run at once (default 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="results JSON (resumable)")
     p.add_argument("--workdir", default=None, help="where temporary checkpoints go")
@@ -73,7 +97,8 @@ def main(argv=None) -> int:
     results["meta"] = {"model": opts.model, "calib": opts.calib, "calib_seqlen": opts.seqlen,
                        "eval_text": opts.eval_text, "eval_seqlen": opts.eval_seqlen, "eval_windows": opts.eval_windows,
                        "tasks": opts.tasks, "limit": opts.limit, "machine": platform.platform(),
-                       "cpu_count": os.cpu_count(), "python": platform.python_version()}
+                       "cpu_count": os.cpu_count(), "python": platform.python_version(), "jobs": opts.jobs,
+                       "task_nsamples": opts.task_nsamples, "environment": environment()}
     settings = [tuple(int(x) for x in s.split(":")) for s in opts.settings.split(",") if s]
     counts = [int(x) for x in opts.nsamples.split(",")]
     # RTN ignores calibration data: run it once, with the first sample count.
@@ -82,42 +107,67 @@ def main(argv=None) -> int:
         for m in opts.methods.split(",") if not (m == "rtn" and n != counts[0])]
     work = Path(opts.workdir or tempfile.mkdtemp(prefix="dashq-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    for method, bits, group, nsamples in plan:
+    lock = threading.Lock()
+
+    def run_one(method: str, bits: int | None, group: int | None, nsamples: int | None) -> None:
         key = config_key(method, bits, group, nsamples)
-        if key in results["runs"]:
-            continue
         print(f"[quality] {key}", flush=True)
-        run_dir = work / key
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir()
-        entry: dict = {"method": method, "bits": bits, "group_size": group, "nsamples": nsamples}
-        try:
-            model = opts.model
-            if method != "fp16":
-                q = run_json(["quantize", opts.model, "--out", str(run_dir / "ckpt"), "--bits", str(bits),
-                              "--group-size", str(group), "--method", method, "--calib", opts.calib,
-                              "--nsamples", str(nsamples), "--seqlen", str(opts.seqlen), "--device", opts.device],
-                             run_dir / "quant.json")
-                entry.update({k: q[k] for k in ("wall_s", "solver_s", "calib_s", "peak_rss_mb", "peak_gpu_mb")})
-                entry["mean_weighted_err"] = sum(l["err_method"] for l in q["layers"]) / len(q["layers"])
-                model = str(run_dir / "ckpt")
-            ev = evaluate(model, opts, run_dir)
-            entry["ppl"] = ev["perplexity"][opts.eval_text]["ppl"]
-            entry["eval_tokens"] = ev["perplexity"][opts.eval_text]["tokens"]
-            if "tasks" in ev:
-                entry["tasks"] = ev["tasks"]
-        except RuntimeError as e:
-            entry["error"] = str(e)[-500:]
-        finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        results["runs"][key] = entry
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, out)
+        entry = measure(opts, work / key, method, bits, group, nsamples, gets_tasks(opts.tasks, opts.task_nsamples, method, nsamples))
+        with lock:
+            results["runs"][key] = entry
+            save(out, results)
         print(f"[quality] {key}: " + json.dumps({k: v for k, v in entry.items() if k != "tasks"}), flush=True)
+
+    todo = [c for c in plan if config_key(*c) not in results["runs"]]
+    pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs))
+    try:
+        with sigterm_as_interrupt():
+            for f in [pool.submit(run_one, *c) for c in todo]:
+                f.result()
+    except (KeyboardInterrupt, Stopped):
+        WORKERS.stop_all()  # running configurations are dropped, not recorded: a rerun redoes them
+        pool.shutdown(wait=True, cancel_futures=True)
+        print(f"[quality] interrupted; {len(results['runs'])} configurations in {out}", file=sys.stderr)
+        return 130
+    pool.shutdown()
     print(markdown_table(results))
     return 0
+
+
+def measure(opts, run_dir: Path, method: str, bits: int | None, group: int | None, nsamples: int | None,
+            tasks: bool) -> dict:
+    """Quantize (unless fp16) and evaluate one configuration in subprocesses; a failure is recorded,
+    not raised. The temporary checkpoint is removed afterwards."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    entry: dict = {"method": method, "bits": bits, "group_size": group, "nsamples": nsamples}
+    try:
+        model = opts.model
+        if method != "fp16":
+            q = run_json(["quantize", opts.model, "--out", str(run_dir / "ckpt"), "--bits", str(bits),
+                          "--group-size", str(group), "--method", method, "--calib", opts.calib,
+                          "--nsamples", str(nsamples), "--seqlen", str(opts.seqlen), "--device", opts.device],
+                         run_dir / "quant.json")
+            entry.update({k: q[k] for k in ("wall_s", "solver_s", "calib_s", "peak_rss_mb", "peak_gpu_mb")})
+            entry["mean_weighted_err"] = sum(l["err_method"] for l in q["layers"]) / len(q["layers"])
+            model = str(run_dir / "ckpt")
+        ev = evaluate(model, opts, run_dir, tasks)
+        entry["ppl"] = ev["perplexity"][opts.eval_text]["ppl"]
+        entry["eval_tokens"] = ev["perplexity"][opts.eval_text]["tokens"]
+        if "tasks" in ev:
+            entry["tasks"] = ev["tasks"]
+    except RuntimeError as e:
+        entry["error"] = str(e)[-500:]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return entry
+
+
+def save(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
 
 
 def markdown_table(results: dict) -> str:

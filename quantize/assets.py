@@ -521,7 +521,7 @@ def resolve_model(name_or_path: str) -> Path:
 # --------------------------------------------------------------------------- all assets
 
 
-def _data_names() -> list[str]:
+def data_names() -> list[str]:
     from .data import DATA_SOURCES
 
     return list(DATA_SOURCES)
@@ -531,9 +531,9 @@ def asset_entry(name: str) -> Path:
     """The cache directory of a model or data asset (whether fetched or not)."""
     if name in MODELS:
         return entry_dir("models", name)
-    if name in _data_names():
+    if name in data_names():
         return entry_dir("data", name)
-    raise AssetError(f"unknown asset {name!r}; known assets: {', '.join([*MODELS, *_data_names()])}")
+    raise AssetError(f"unknown asset {name!r}; known assets: {', '.join([*MODELS, *data_names()])}")
 
 
 def verify(name: str) -> None:
@@ -549,7 +549,7 @@ def fetch(names: Sequence[str], *, progress: bool = True, force: bool = False, k
     from .data import fetch_data
 
     if "all" in names:
-        names = [*MODELS, *_data_names()]
+        names = [*MODELS, *data_names()]
     for n in names:
         asset_entry(n)  # unknown names fail before any download
     data = [n for n in names if n not in MODELS]
@@ -589,7 +589,7 @@ def main_assets(args: argparse.Namespace) -> int:
             print(f"{n:<20} {_size(dir_bytes(p)):>9}  {p}")
         print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     elif command == "verify":
-        names = [n for n in [*MODELS, *_data_names()] if is_complete(asset_entry(n))] if "all" in args.names else args.names
+        names = [n for n in [*MODELS, *data_names()] if is_complete(asset_entry(n))] if "all" in args.names else args.names
         for n in names:
             verify(n)
             print(f"{n:<20} ok")

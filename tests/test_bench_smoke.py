@@ -364,12 +364,13 @@ def test_quality_and_plot(work, calib, tiny_model):
     eval_text.write_text(make_text(2000, seed=2))
     # --nsamples 128: plot_quality.py draws the GPTQ / DASH-Q points of 128-sample runs
     cmd = [PY, "-m", "dashq_vllm.benchmarks.quality", "--model", str(tiny_model), "--settings", "2:32",
-           "--methods", "rtn,gptq,dashq", "--nsamples", "128", "--seqlen", "32", "--calib", str(calib),
+           "--methods", "rtn,gptq,dashq", "--nsamples", "128,2", "--seqlen", "32", "--calib", str(calib),
            "--eval-text", str(eval_text), "--eval-windows", "2", "--device", "cpu", "--out", str(out),
-           "--workdir", str(work / "quality-work")]
+           "--workdir", str(work / "quality-work"), "--jobs", "2"]
     text = run(cmd, timeout=300, log=work / "logs" / "quality.log")
     runs = json.loads(out.read_text())["runs"]
-    assert sorted(runs) == ["dashq-w2g32-n128", "fp16", "gptq-w2g32-n128", "rtn-w2g32-n128"]
+    assert sorted(runs) == ["dashq-w2g32-n128", "dashq-w2g32-n2", "fp16", "gptq-w2g32-n128", "gptq-w2g32-n2",
+                            "rtn-w2g32-n128"]
     for key, r in runs.items():
         assert "error" not in r, (key, r["error"])
         assert _finite(r["ppl"]) and r["ppl"] > 1 and r["eval_tokens"] > 0, (key, r)

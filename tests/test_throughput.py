@@ -141,3 +141,54 @@ def test_main_records_failures_until_they_succeed(tmp_path, monkeypatch):
     assert T.main(args) == 0
     res = json.loads(out.read_text())["results"]
     assert "_failed" not in res and res["fp16"]["rows"][0]["output_tok_s"] == 5.0
+
+
+def test_worker_groups_stop_every_running_worker_and_refuse_new_ones(tmp_path):
+    """quality.py's parallel configurations: stop_all (the driver interrupted) kills every worker
+    and what it started, and their callers get Stopped instead of a result to record."""
+    import sys
+    import threading
+
+    from dashq_vllm.benchmarks.procs import Stopped, WorkerGroups
+
+    groups = WorkerGroups(grace=1)
+    assert groups.run([sys.executable, "-c", "print('ok')"]).stdout == "ok\n"
+    outcomes, pidfiles = [], [tmp_path / f"child{i}.pid" for i in range(2)]
+
+    def work(pidfile):
+        script = ("import subprocess, sys, time\n"
+                  "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+                  f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+                  "time.sleep(120)\n")
+        try:
+            groups.run([sys.executable, "-c", script])
+            outcomes.append("finished")
+        except Stopped:
+            outcomes.append("stopped")
+
+    threads = [threading.Thread(target=work, args=(f,)) for f in pidfiles]
+    for t in threads:
+        t.start()
+    import time
+    for _ in range(400):
+        if all(f.is_file() and f.read_text() for f in pidfiles):
+            break
+        time.sleep(0.05)
+    groups.stop_all()
+    for t in threads:
+        t.join(timeout=30)
+    assert outcomes == ["stopped", "stopped"]
+    for f in pidfiles:
+        _assert_gone(int(f.read_text()))
+    with pytest.raises(Stopped):
+        groups.run([sys.executable, "-c", "print('too late')"])
+
+
+def test_quality_task_selection():
+    from dashq_vllm.benchmarks.quality import gets_tasks
+
+    assert not gets_tasks("", "all", "fp16", None)
+    assert gets_tasks("piqa", "all", "gptq", 2)
+    assert gets_tasks("piqa", "128", "fp16", None) and gets_tasks("piqa", "128", "rtn", 2)
+    assert gets_tasks("piqa", "128", "dashq", 128) and not gets_tasks("piqa", "128", "dashq", 2)
+    assert gets_tasks("all", "2,128", "gptq", 2)

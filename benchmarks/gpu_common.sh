@@ -1,0 +1,21 @@
+# Shell helpers shared by the GPU scripts (sourced, not run): the model staged by
+# `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (chunks carried into /tmp/stage, one
+# call per folder) assembled, checked against its sha256, converted to HF safetensors once.
+# Needs PYTHONPATH to hold dashq_vllm and the host's torch/transformers; installs the gguf wheel
+# into /tmp/site and copies the staged data assets into $DASHQ_HOME.
+
+stage_model() {  # MODEL DEST: DEST holds the converted model afterwards (nothing done if it does)
+  local model=$1 dest=$2
+  [ -f "$dest/config.json" ] && return 0
+  local sum=/tmp/stage/$model.gguf.sha256
+  [ -f "$sum" ] || { echo "stage_model: $sum missing: stage every folder of .gpuq/$model first" >&2; return 1; }
+  mkdir -p /tmp/gguf "${DASHQ_HOME:?}" /tmp/site
+  cat /tmp/stage/"$model".gguf.[0-9][0-9] > /tmp/gguf/"$model".gguf || return 1
+  (cd /tmp/gguf && sha256sum -c --quiet "$sum") || { echo "stage_model: $model GGUF incomplete or corrupt" >&2; return 1; }
+  rm -f /tmp/stage/"$model".gguf.[0-9][0-9]
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl || return 1
+  cp -r /tmp/stage/home/data "$DASHQ_HOME"/
+  python3 -c "import sys; from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; \
+convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])" /tmp/gguf/"$model".gguf "$dest.tmp" "$model" \
+    && mv "$dest.tmp" "$dest"
+}

