@@ -7,9 +7,14 @@
 # copied to $OUT, with a tarball of everything, at the end of every call):
 #   bash benchmarks/gpu_quality.sh MODEL [MODEL ...]
 # one quality.py per model side by side, each running QUALITY_JOBS (default 3) configurations at
-# once; QUALITY_TIMEOUT (default 480 s) bounds the call. Every configuration: 128 and 2 calibration
-# samples x 2048 tokens of news, perplexity on 40 x 2048 wiki tokens, zero-shot tasks (limit
-# QUALITY_LIMIT, default 200) for the source and the 128-sample runs. SOLVER_SPEED=1 first times the
+# once; QUALITY_TIMEOUT (default 480 s) bounds the call (configurations still running then are
+# dropped and redone by the next call). Every configuration: 128 and 2 calibration samples x 2048
+# tokens of news (SETTINGS, default 2:32,2:64,3:64,3:128,4:128), perplexity on 40 x 2048 wiki
+# tokens, zero-shot tasks (QUALITY_TASKS, default all; empty for none; limit QUALITY_LIMIT, default
+# 200) for the source and the 128-sample runs. Measured on an H200 (2026-12-02), 4 jobs at once:
+# Qwen2.5-1.5B DASH-Q runs took ~180-200 s, GPTQ ~300-420 s (perplexity only); with the tasks on,
+# a whole ~7-min call finished only Qwen's source and RTN 2-bit g32 (CPU threads were oversubscribed
+# then; quality.py now gives each job its share). SOLVER_SPEED=1 first times the
 # solvers alone on the GPU (solver_speed.py, SOLVER_MODELS default qwen2.5-1.5b, 2-bit g64 and 4-bit
 # g128, nothing beside it).
 set -uo pipefail
@@ -19,7 +24,7 @@ REPO=$(pwd)
 . "$REPO"/benchmarks/gpu_common.sh
 mkdir -p /tmp/results
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/dashq-site "$REPO" >/dev/null || exit 1
-export PYTHONPATH=/tmp/dashq-site:/tmp/site
+export PYTHONPATH=/tmp/dashq-site:/tmp/site DASHQ_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
 cd /tmp   # the checkout's dashq_vllm/ must not shadow the installed package
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 GPU_TAG=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o -i 'h[0-9]\+' | head -n 1 | tr 'H' 'h')}
@@ -43,10 +48,10 @@ for model in "$@"; do
     [ $left -gt 30 ] || exit 0
     timeout -s INT $left python3 -m dashq_vllm.benchmarks.quality --model /tmp/models/"$model" \
       --settings "${SETTINGS:-2:32,2:64,3:64,3:128,4:128}" --methods rtn,gptq,dashq --nsamples 128,2 \
-      --seqlen 2048 --eval-windows 40 --tasks all --limit "${QUALITY_LIMIT:-200}" --task-nsamples 128 \
+      --seqlen 2048 --eval-windows 40 --tasks "${QUALITY_TASKS-all}" --limit "${QUALITY_LIMIT:-200}" --task-nsamples 128 \
       --jobs "${QUALITY_JOBS:-3}" --device cuda --workdir /tmp/qwork-"$model" \
-      --out /tmp/results/quality-"$model"-$GPU_TAG.json > /tmp/results/quality-"$model".log 2>&1
-    echo "$model: quality.py exit $? ($(grep -c '^\[quality\] .*: {' /tmp/results/quality-"$model".log) configurations this call)"
+      --out /tmp/results/quality-"$model"-$GPU_TAG.json >> /tmp/results/quality-"$model".log 2>&1
+    echo "$model: quality.py exit $?"; tail -n 12 /tmp/results/quality-"$model".log
   ) &
   pids+=($!)
 done

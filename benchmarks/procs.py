@@ -98,14 +98,14 @@ class WorkerGroups:
         self._stopped = threading.Event()
         self.grace = grace
 
-    def run(self, cmd: Sequence[str]) -> subprocess.CompletedProcess:
+    def run(self, cmd: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run ``cmd`` to completion (stdout and stderr captured); :class:`Stopped` if
         :meth:`stop_all` was called before or while it ran."""
         with self._lock:
             if self._stopped.is_set():
                 raise Stopped
             proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True)
+                                    env=dict(env) if env is not None else None, start_new_session=True)
             self._procs.add(proc)
         try:
             out, err = proc.communicate()

@@ -36,8 +36,19 @@ CLI = [sys.executable, "-m", "dashq_vllm.cli"]
 WORKERS = WorkerGroups()
 
 
-def run_json(args: list[str], json_path: Path) -> dict:
-    proc = WORKERS.run(CLI + args + ["--json", str(json_path), "--quiet"])
+def worker_env(jobs: int, environ: dict[str, str], cpus: int) -> dict[str, str]:
+    """The environment of each quantize/eval subprocess: with several at once, each gets an equal
+    share of the CPU threads (torch would otherwise start one thread per core in every process and
+    oversubscribe the CPU: loading, packing and CPU-side work then crawl), unless the caller chose
+    OMP_NUM_THREADS."""
+    env = dict(environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // jobs))
+    return env
+
+
+def run_json(args: list[str], json_path: Path, env: dict[str, str] | None = None) -> dict:
+    proc = WORKERS.run(CLI + args + ["--json", str(json_path), "--quiet"], env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:2])} failed:\n{proc.stderr[-3000:]}")
     return json.loads(json_path.read_text())
@@ -49,7 +60,7 @@ def evaluate(model: str, opts, tmp: Path, tasks: bool) -> dict:
     if tasks:
         args += ["--tasks", opts.tasks, "--limit", str(opts.limit)]
     t0 = time.perf_counter()
-    res = run_json(args, tmp / "eval.json")
+    res = run_json(args, tmp / "eval.json", opts.worker_env)
     res["eval_s"] = time.perf_counter() - t0
     return res
 
@@ -91,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where temporary checkpoints go")
     opts = p.parse_args(argv)
     opts.eval_seqlen = opts.eval_seqlen or opts.seqlen
+    opts.worker_env = worker_env(opts.jobs, dict(os.environ), os.cpu_count() or 1)
 
     out = Path(opts.out)
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
@@ -131,6 +143,8 @@ def main(argv=None) -> int:
         return 130
     pool.shutdown()
     print(markdown_table(results))
+    if any("tasks" in r for r in results["runs"].values()):
+        print("\n" + zero_shot_table(results))
     return 0
 
 
@@ -147,13 +161,14 @@ def measure(opts, run_dir: Path, method: str, bits: int | None, group: int | Non
             q = run_json(["quantize", opts.model, "--out", str(run_dir / "ckpt"), "--bits", str(bits),
                           "--group-size", str(group), "--method", method, "--calib", opts.calib,
                           "--nsamples", str(nsamples), "--seqlen", str(opts.seqlen), "--device", opts.device],
-                         run_dir / "quant.json")
+                         run_dir / "quant.json", opts.worker_env)
             entry.update({k: q[k] for k in ("wall_s", "solver_s", "calib_s", "peak_rss_mb", "peak_gpu_mb")})
             entry["mean_weighted_err"] = sum(l["err_method"] for l in q["layers"]) / len(q["layers"])
             model = str(run_dir / "ckpt")
         ev = evaluate(model, opts, run_dir, tasks)
         entry["ppl"] = ev["perplexity"][opts.eval_text]["ppl"]
         entry["eval_tokens"] = ev["perplexity"][opts.eval_text]["tokens"]
+        entry["eval_s"] = ev["eval_s"]
         if "tasks" in ev:
             entry["tasks"] = ev["tasks"]
     except RuntimeError as e:
@@ -190,3 +205,25 @@ def markdown_table(results: dict) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# The metric reported per task (both acc and acc_norm are in the JSON): length-normalised accuracy
+# where the choices are free text of different lengths, plain accuracy where they are not.
+HEADLINE_METRIC = {"piqa": "acc_norm", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
+                   "winogrande": "acc", "boolq": "acc", "openbookqa": "acc_norm"}
+
+
+def zero_shot_table(results: dict) -> str:
+    """Markdown table of the zero-shot accuracies (%) of every run that has them, with their mean."""
+    runs = [(k, r) for k, r in results["runs"].items() if r.get("tasks")]
+    tasks = [t for t in HEADLINE_METRIC if any(t in r["tasks"] for _, r in runs)]
+    head = "| config | wiki ppl | " + " | ".join(f"{t} ({HEADLINE_METRIC[t]})" for t in tasks) + " | mean |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    for key, r in runs:
+        vals = [r["tasks"].get(t, {}).get(HEADLINE_METRIC[t]) for t in tasks]
+        cells = [f"{100 * v:.1f}" if v is not None else "-" for v in vals]
+        mean = f"{100 * sum(vals) / len(vals):.1f}" if vals and None not in vals else "-"
+        lines.append(f"| {key} | {r['ppl']:.2f} | " + " | ".join(cells) + f" | {mean} |")
+    docs = sorted({v["n"] for _, r in runs for v in r["tasks"].values()})
+    lines.append(f"\n(documents per task: {', '.join(map(str, docs))})")
+    return "\n".join(lines)

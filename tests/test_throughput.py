@@ -183,12 +183,3 @@ def test_worker_groups_stop_every_running_worker_and_refuse_new_ones(tmp_path):
     with pytest.raises(Stopped):
         groups.run([sys.executable, "-c", "print('too late')"])
 
-
-def test_quality_task_selection():
-    from dashq_vllm.benchmarks.quality import gets_tasks
-
-    assert not gets_tasks("", "all", "fp16", None)
-    assert gets_tasks("piqa", "all", "gptq", 2)
-    assert gets_tasks("piqa", "128", "fp16", None) and gets_tasks("piqa", "128", "rtn", 2)
-    assert gets_tasks("piqa", "128", "dashq", 128) and not gets_tasks("piqa", "128", "dashq", 2)
-    assert gets_tasks("all", "2,128", "gptq", 2)

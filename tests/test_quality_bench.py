@@ -1,0 +1,40 @@
+"""benchmarks/quality.py's pure parts: which runs get the zero-shot tasks, the workers' thread
+share, the zero-shot table."""
+
+from dashq_vllm.benchmarks.quality import HEADLINE_METRIC, gets_tasks, worker_env, zero_shot_table
+
+
+def test_task_selection():
+    assert not gets_tasks("", "all", "fp16", None)
+    assert gets_tasks("piqa", "all", "gptq", 2)
+    assert gets_tasks("piqa", "128", "fp16", None) and gets_tasks("piqa", "128", "rtn", 2)
+    assert gets_tasks("piqa", "128", "dashq", 128) and not gets_tasks("piqa", "128", "dashq", 2)
+    assert gets_tasks("all", "2,128", "gptq", 2)
+
+
+def test_worker_env_shares_the_cores():
+    assert "OMP_NUM_THREADS" not in worker_env(1, {"PATH": "/bin"}, 16)
+    assert worker_env(4, {"PATH": "/bin"}, 16) == {"PATH": "/bin", "OMP_NUM_THREADS": "4"}
+    assert worker_env(3, {}, 2)["OMP_NUM_THREADS"] == "1"
+    assert worker_env(4, {"OMP_NUM_THREADS": "8"}, 16)["OMP_NUM_THREADS"] == "8"  # the caller's choice wins
+
+
+def test_zero_shot_table():
+    def tasks(base):
+        return {t: {"acc": base + 0.01 * i, "acc_norm": base + 0.02 * i, "n": 50} for i, t in enumerate(HEADLINE_METRIC)}
+
+    results = {"runs": {"fp16": {"ppl": 10.0, "tasks": tasks(0.5)},
+                        "dashq-w2g32-n2": {"ppl": 20.0},  # no tasks: not a row
+                        "dashq-w2g32-n128": {"ppl": 15.0, "tasks": {"piqa": {"acc": 0.4, "acc_norm": 0.45, "n": 50}}}}}
+    lines = zero_shot_table(results).splitlines()
+    assert lines[0].startswith("| config | wiki ppl | piqa (acc_norm) | arc_easy (acc) |") and lines[0].endswith("| mean |")
+    fp = next(ln for ln in lines if ln.startswith("| fp16 |")).split(" | ")
+    # piqa acc_norm 0.50, arc_easy acc 0.51, arc_challenge acc_norm 0.54, ...
+    assert fp[2:5] == ["50.0", "51.0", "54.0"]
+    mean = sum(100 * (0.5 + (0.02 if HEADLINE_METRIC[t] == "acc_norm" else 0.01) * i)
+               for i, t in enumerate(HEADLINE_METRIC)) / len(HEADLINE_METRIC)
+    assert fp[-1] == f"{mean:.1f} |"
+    dq = next(ln for ln in lines if ln.startswith("| dashq-w2g32-n128 |"))
+    assert "| 45.0 | - |" in dq and dq.endswith("| - |")  # missing tasks, so no mean
+    assert not any("n2" in ln for ln in lines)
+    assert lines[-1] == "(documents per task: 50)"
