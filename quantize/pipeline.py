@@ -26,6 +26,7 @@ from dashq_vllm.format import (DashQConfig, FormatError, ModuleSpec, check_bits_
                                encode_linear, quantization_config_entry)
 
 from . import solver
+from .assets import hf_progress
 from .calibration import (ActivationStats, BlockInputs, QuantizeError, block_linears,
                           capture_first_block_inputs, collect_stats, decoder_layers, is_moe, run_block,
                           token_windows)
@@ -154,13 +155,16 @@ def load_source_model(src: Path, device: torch.device):
     except FormatError as e:
         raise QuantizeError(str(e)) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        # Decoder blocks stay in the checkpoint's dtype on the host (half the memory of fp32 for
+        # bf16/fp16 sources) and are upcast one at a time when quantized; the rest runs in fp32.
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     except ValueError as e:
         raise QuantizeError(f"{src}: unsupported model ({str(e).splitlines()[0]})") from None
     except Exception as e:
         raise QuantizeError(f"{src}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     model.eval()
-    decoder_layers(model)  # raises for unsupported architectures
+    move_outside_blocks(model, dtype=torch.float32)  # raises for unsupported architectures
+    _restore_fp32_buffers(model)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise QuantizeError(f"{src}: weight {name} contains NaN or Inf values")
@@ -188,16 +192,16 @@ def quantize_blocks(model: nn.Module, samples: torch.Tensor, opts: QuantizeOptio
     prefix = _layers_prefix(model, layers)
     uses_data = opts.method != "rtn"  # RTN needs no calibration passes
     if uses_data:
-        model.to(device)  # for the capture pass only; afterwards blocks move one at a time
+        move_outside_blocks(model, device=device)  # the embeddings etc., for the capture pass only
         t0 = time.perf_counter()
         inputs = capture_first_block_inputs(model, samples, device)
         result.calib_s += time.perf_counter() - t0
-        model.to("cpu")
+        move_outside_blocks(model, device="cpu")
         inputs = BlockInputs([h.to(device) for h in inputs.hidden], _to_device(inputs.kwargs, device))
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     bar = tqdm(range(len(layers)), desc=f"{opts.method} {opts.bits}-bit g{opts.group_size}", unit="block", disable=not progress)
     for i in bar:
-        block = layers[i].to(device)
+        block = layers[i].to(device=device, dtype=torch.float32)
         first_report = len(result.layers)
         t0 = time.perf_counter()
         stats = collect_stats(block, inputs, full_gram=opts.method == "gptq") if uses_data else uniform_stats(block, device)
@@ -218,11 +222,61 @@ def quantize_blocks(model: nn.Module, samples: torch.Tensor, opts: QuantizeOptio
             t0 = time.perf_counter()
             inputs.hidden = run_block(block, inputs)
             result.calib_s += time.perf_counter() - t0
-        layers[i] = block.to("cpu")
+        layers[i] = block.to("meta")  # done: its tensors are encoded, the checkpoint copies the rest from src
         if device.type == "cuda":
             torch.cuda.empty_cache()
         bar.set_postfix(err=f"{_mean_err(result.layers[first_report:]):.4f}")
     return tensors
+
+
+def move_outside_blocks(model: nn.Module, device=None, dtype: torch.dtype | None = None) -> None:
+    """Move/cast every parameter and buffer of ``model`` except those of its decoder blocks
+    (embeddings, final norm, rotary tables, lm_head): what the capture pass needs on the device."""
+    layers = decoder_layers(model)
+    to = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+
+    def visit(module: nn.Module) -> None:
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None:
+                t.data = t.data.to(**to) if t.is_floating_point() else t.data.to(device=to.get("device", t.device))
+        for child in module.children():
+            if child is layers:
+                continue
+            if any(m is layers for m in child.modules()):
+                visit(child)
+            else:
+                child.to(**to)
+
+    visit(model)
+
+
+def _restore_fp32_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers outside the blocks (e.g. Gemma-3's embedding scale) are computed when
+    the model is built, in the dtype it is built in: recompute them in fp32, as a model loaded in
+    fp32 has them, from a one-block, small-vocabulary fp32 copy of the architecture."""
+    import copy
+
+    from .model_io import model_from_config
+
+    persistent = set(model.state_dict())
+    names = [n for n, b in model.named_buffers() if n not in persistent and b.is_floating_point()
+             and not n.startswith(_layers_prefix(model, decoder_layers(model)) + ".")]
+    if not names:
+        return
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers, cfg.vocab_size = 1, 16
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, None)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:1]
+    try:
+        fresh = dict(model_from_config(cfg, torch.float32).named_buffers())
+    except Exception:  # noqa: BLE001 - an architecture that cannot be shrunk keeps its cast buffers
+        return
+    for name in names:
+        if name in fresh and fresh[name].shape == model.get_buffer(name).shape:
+            model.get_buffer(name).data = fresh[name].to(torch.float32)
 
 
 def uniform_stats(block: nn.Module, device: torch.device) -> dict[str, ActivationStats]:
@@ -324,7 +378,8 @@ def quantize_model(src: str | Path, out: str | Path, opts: QuantizeOptions, forc
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model, tok, files = load_source_model(src, device)
+    with hf_progress(progress):
+        model, tok, files = load_source_model(src, device)
     samples = calibration_samples(tok, opts) if opts.method != "rtn" else None
     result = QuantizeResult(out)
     quantized = quantize_blocks(model, samples, opts, device, result, progress)

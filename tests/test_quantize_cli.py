@@ -104,6 +104,40 @@ def test_dashq_beats_rtn_on_output_error(tmp_path, calib_file):
     assert res["dashq"] < 0.8 * res["rtn"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_blocks_kept_in_source_dtype_give_the_fp32_result(tmp_path, calib_file, arch):
+    """Decoder blocks stay in the checkpoint's dtype on the host and are upcast one at a time, the
+    rest (embeddings, rotary tables, norms) runs in fp32: the checkpoint is bit-identical to the one
+    made from the same weights stored in fp32."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from dashq_vllm.quantize.pipeline import load_source_model
+
+    src = make_tiny_model(tmp_path / "bf16", arch=arch, seed=4)
+    model, _, _ = load_source_model(src, torch.device("cpu"))
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == model.model.norm.weight.dtype == torch.float32
+    f32 = tmp_path / "fp32"
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).save_pretrained(f32)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith((".jinja", ".txt")):
+            shutil.copy2(f, f32 / f.name)
+    assert load_file(f32 / "model.safetensors")["model.norm.weight"].dtype == torch.float32
+    for method in ("dashq", "gptq"):
+        outs = {}
+        for name, model_dir in (("bf16", src), ("fp32", f32)):
+            outs[name] = tmp_path / f"{method}-{name}"
+            assert cli.main(["quantize", str(model_dir), "--out", str(outs[name]), "--bits", "2", "--group-size", "32",
+                             "--method", method, "--calib", str(calib_file), *FAST]) == 0
+        a, b = (load_file(outs[n] / "model.safetensors") for n in ("bf16", "fp32"))
+        packed = [k for k in a if k.endswith((".W_q_packed", ".scale", ".zero"))]
+        assert len(packed) == 3 * 14
+        for k in packed:
+            assert torch.equal(a[k], b[k]), (method, k)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
