@@ -1,4 +1,5 @@
-# Shell helpers shared by the GPU scripts (sourced, not run): the model staged by
+# Shell helpers shared by the GPU scripts (sourced, not run). dashq_env: this checkout installed
+# and on PYTHONPATH, GPU_TAG set. stage_model: the model staged by
 # `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (chunks carried into /tmp/stage, one
 # call per folder) assembled, checked against its sha256, converted to HF safetensors once.
 # Needs PYTHONPATH to hold dashq_vllm and the host's torch/transformers; installs the gguf wheel
@@ -18,4 +19,18 @@ stage_model() {  # MODEL DEST: DEST holds the converted model afterwards (nothin
   python3 -c "import sys; from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; \
 convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])" /tmp/gguf/"$model".gguf "$dest.tmp" "$model" \
     && mv "$dest.tmp" "$dest"
+}
+
+dashq_env() {  # REPO: install our package from the checkout (no deps: the host's torch/triton stay;
+               # DASHQ_SKIP_INSTALL=1 for a second step started alongside one that installs), export
+               # PYTHONPATH/DASHQ_COMMIT, cd /tmp (the checkout's dashq_vllm/ must not shadow the
+               # installed package), print the GPU, set GPU_TAG (result files named h100, h200, ...)
+  local repo=$1
+  [ -n "${DASHQ_SKIP_INSTALL:-}" ] || \
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/dashq-site "$repo" >/dev/null || return 1
+  export PYTHONPATH=/tmp/dashq-site:/tmp/site DASHQ_COMMIT=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  cd /tmp || return 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  GPU_TAG=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o -i 'h[0-9]\+' | head -n 1 | tr 'H' 'h')}
+  GPU_TAG=${GPU_TAG:-gpu}
 }

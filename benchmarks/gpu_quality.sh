@@ -23,12 +23,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PAR
 REPO=$(pwd)
 . "$REPO"/benchmarks/gpu_common.sh
 mkdir -p /tmp/results
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/dashq-site "$REPO" >/dev/null || exit 1
-export PYTHONPATH=/tmp/dashq-site:/tmp/site DASHQ_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-cd /tmp   # the checkout's dashq_vllm/ must not shadow the installed package
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-GPU_TAG=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o -i 'h[0-9]\+' | head -n 1 | tr 'H' 'h')}
-GPU_TAG=${GPU_TAG:-gpu}
+dashq_env "$REPO" || exit 1
 deadline=$(( $(date +%s) + ${QUALITY_TIMEOUT:-480} ))
 finish() { (cd /tmp/results && tar czf "$OUT"/quality-results.tgz .) ; cp /tmp/results/*.json "$OUT"/ 2>/dev/null; true; }
 if [ -n "${SOLVER_SPEED:-}" ]; then

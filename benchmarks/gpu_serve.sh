@@ -34,16 +34,7 @@ if [ ! -f /tmp/site/.installed ]; then
     /tmp/stage/vllm-0.26.0-*.whl /tmp/stage/deps/*.whl || exit 1
   touch /tmp/site/.installed
 fi
-# our package, fresh from this checkout every call (no deps: the host's torch/triton stay);
-# DASHQ_SKIP_INSTALL=1 for a second step started alongside one that installs
-[ -n "${DASHQ_SKIP_INSTALL:-}" ] || \
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/dashq-site "$REPO" >/dev/null || exit 1
-export PYTHONPATH=/tmp/dashq-site:/tmp/site DASHQ_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-cd /tmp   # the checkout's dashq_vllm/ must not shadow the installed package
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# result files are named after the GPU (h100, h200, ...)
-GPU_TAG=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | grep -o -i 'h[0-9]\+' | head -n 1 | tr 'H' 'h')}
-GPU_TAG=${GPU_TAG:-gpu}
+dashq_env "$REPO" || exit 1
 qwen_hf() { stage_model qwen2.5-coder-1.5b /tmp/qwen-hf; }  # /tmp/qwen-hf from the staged GGUF
 qwen_ckpt() {  # BITS GROUP -> prints the checkpoint dir, quantized on the GPU unless it exists
   local ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w$1g$2

@@ -38,3 +38,20 @@ def test_zero_shot_table():
     assert "| 45.0 | - |" in dq and dq.endswith("| - |")  # missing tasks, so no mean
     assert not any("n2" in ln for ln in lines)
     assert lines[-1] == "(documents per task: 50)"
+
+
+def test_gpu_stage_chunks_concatenate_to_the_stream(tmp_path):
+    """gpu_stage.py cuts the GGUF byte stream into per-call folders of at most one chunk each."""
+    import os
+
+    from dashq_vllm.benchmarks.gpu_stage import _chunk_writer
+
+    data = os.urandom(10_000)
+    write, close = _chunk_writer(tmp_path, "m", 3000)
+    for i in range(0, len(data), 700):  # writes that straddle chunk boundaries
+        write(data[i:i + 700])
+    dirs = close()
+    assert [d.name for d in dirs] == ["01", "02", "03", "04"]
+    files = [d / f"m.gguf.{d.name}" for d in dirs]
+    assert [f.stat().st_size for f in files] == [3000, 3000, 3000, 1000]
+    assert b"".join(f.read_bytes() for f in files) == data
