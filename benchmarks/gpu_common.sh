@@ -8,17 +8,20 @@
 stage_model() {  # MODEL DEST: DEST holds the converted model afterwards (nothing done if it does)
   local model=$1 dest=$2
   [ -f "$dest/config.json" ] && return 0
-  local sum=/tmp/stage/$model.gguf.sha256
+  local sum=/tmp/stage/$model.gguf.sha256 gguf=/tmp/gguf/$model.gguf
   [ -f "$sum" ] || { echo "stage_model: $sum missing: stage every folder of .gpuq/$model first" >&2; return 1; }
   mkdir -p /tmp/gguf "${DASHQ_HOME:?}" /tmp/site
-  cat /tmp/stage/"$model".gguf.[0-9][0-9] > /tmp/gguf/"$model".gguf || return 1
-  (cd /tmp/gguf && sha256sum -c --quiet "$sum") || { echo "stage_model: $model GGUF incomplete or corrupt" >&2; return 1; }
-  rm -f /tmp/stage/"$model".gguf.[0-9][0-9]
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl || return 1
+  # an assembled GGUF that checks out is reused (a conversion that failed or was cut off is redone)
+  if ! (cd /tmp/gguf && sha256sum -c --quiet "$sum" 2>/dev/null); then
+    cat /tmp/stage/"$model".gguf.[0-9][0-9] > "$gguf" || return 1
+    (cd /tmp/gguf && sha256sum -c --quiet "$sum") || { echo "stage_model: $model GGUF incomplete or corrupt" >&2; return 1; }
+  fi
+  [ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl || return 1
   cp -r /tmp/stage/home/data "$DASHQ_HOME"/
+  rm -rf "$dest.tmp"
   python3 -c "import sys; from pathlib import Path; from dashq_vllm.quantize.assets import convert_gguf; \
-convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])" /tmp/gguf/"$model".gguf "$dest.tmp" "$model" \
-    && mv "$dest.tmp" "$dest"
+convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])" "$gguf" "$dest.tmp" "$model" \
+    && mv "$dest.tmp" "$dest" && rm -f /tmp/stage/"$model".gguf.[0-9][0-9]
 }
 
 dashq_env() {  # REPO: install our package from the checkout (no deps: the host's torch/triton stay;

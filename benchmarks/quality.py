@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -45,6 +46,13 @@ def worker_env(jobs: int, environ: dict[str, str], cpus: int) -> dict[str, str]:
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, cpus // jobs))
     return env
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def run_json(args: list[str], json_path: Path, env: dict[str, str] | None = None) -> dict:
@@ -102,7 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where temporary checkpoints go")
     opts = p.parse_args(argv)
     opts.eval_seqlen = opts.eval_seqlen or opts.seqlen
-    opts.worker_env = worker_env(opts.jobs, dict(os.environ), os.cpu_count() or 1)
+    opts.worker_env = worker_env(opts.jobs, dict(os.environ), usable_cpus())
 
     out = Path(opts.out)
     results = json.loads(out.read_text()) if out.exists() else {"runs": {}}
@@ -130,17 +138,28 @@ def main(argv=None) -> int:
             save(out, results)
         print(f"[quality] {key}: " + json.dumps({k: v for k, v in entry.items() if k != "tasks"}), flush=True)
 
-    todo = [c for c in plan if config_key(*c) not in results["runs"]]
+    # finished configurations are kept; failed ones (an out-of-memory kill, a full disk) are retried
+    todo = [c for c in plan if "error" in results["runs"].get(config_key(*c), {"error": None})]
     pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs))
     try:
         with sigterm_as_interrupt():
             for f in [pool.submit(run_one, *c) for c in todo]:
                 f.result()
-    except (KeyboardInterrupt, Stopped):
-        WORKERS.stop_all()  # running configurations are dropped, not recorded: a rerun redoes them
-        pool.shutdown(wait=True, cancel_futures=True)
-        print(f"[quality] interrupted; {len(results['runs'])} configurations in {out}", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        # Running configurations are dropped, not recorded (a rerun redoes them); a second signal
+        # must not cut this short and orphan the workers, which run in sessions of their own.
+        old_term, old_int = signal.signal(signal.SIGTERM, signal.SIG_IGN), signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pool.shutdown(wait=False, cancel_futures=True)
+            WORKERS.stop_all()
+            pool.shutdown(wait=True)
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGINT, old_int)
+        if isinstance(e, (KeyboardInterrupt, Stopped)):
+            print(f"[quality] interrupted; {len(results['runs'])} configurations in {out}", file=sys.stderr)
+            return 130
+        raise
     pool.shutdown()
     print(markdown_table(results))
     if any("tasks" in r for r in results["runs"].values()):
@@ -154,7 +173,8 @@ def measure(opts, run_dir: Path, method: str, bits: int | None, group: int | Non
     not raised. The temporary checkpoint is removed afterwards."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    entry: dict = {"method": method, "bits": bits, "group_size": group, "nsamples": nsamples}
+    entry: dict = {"method": method, "bits": bits, "group_size": group, "nsamples": nsamples,
+                   "jobs": opts.jobs}  # runs at once beside this one (times are inflated when > 1)
     try:
         model = opts.model
         if method != "fp16":
@@ -203,9 +223,6 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # The metric reported per task (both acc and acc_norm are in the JSON): length-normalised accuracy
 # where the choices are free text of different lengths, plain accuracy where they are not.
@@ -227,3 +244,7 @@ def zero_shot_table(results: dict) -> str:
     docs = sorted({v["n"] for _, r in runs for v in r["tasks"].values()})
     lines.append(f"\n(documents per task: {', '.join(map(str, docs))})")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,9 +156,9 @@ def load_source_model(src: Path, device: torch.device):
     except FormatError as e:
         raise QuantizeError(str(e)) from None
     try:
-        # Decoder blocks stay in the checkpoint's dtype on the host (half the memory of fp32 for
-        # bf16/fp16 sources) and are upcast one at a time when quantized; the rest runs in fp32.
-        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        # Decoder blocks stay in the dtype the weights are stored in (half the memory of fp32 for
+        # bf16/fp16 files) and are upcast one at a time when quantized; the rest runs in fp32.
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=storage_dtype(files))
     except ValueError as e:
         raise QuantizeError(f"{src}: unsupported model ({str(e).splitlines()[0]})") from None
     except Exception as e:
@@ -229,6 +230,12 @@ def quantize_blocks(model: nn.Module, samples: torch.Tensor, opts: QuantizeOptio
     return tensors
 
 
+def storage_dtype(files: CheckpointFiles) -> torch.dtype:
+    """The dtype the floating weights are stored in (not the config's, which may differ), fp32 if mixed."""
+    found = {files.shape_dtype(k)[1] for k in files.keys()} & {torch.float32, torch.float16, torch.bfloat16}
+    return found.pop() if len(found) == 1 else torch.float32
+
+
 def move_outside_blocks(model: nn.Module, device=None, dtype: torch.dtype | None = None) -> None:
     """Move/cast every parameter and buffer of ``model`` except those of its decoder blocks
     (embeddings, final norm, rotary tables, lm_head): what the capture pass needs on the device."""
@@ -272,7 +279,9 @@ def _restore_fp32_buffers(model: nn.Module) -> None:
         cfg.layer_types = cfg.layer_types[:1]
     try:
         fresh = dict(model_from_config(cfg, torch.float32).named_buffers())
-    except Exception:  # noqa: BLE001 - an architecture that cannot be shrunk keeps its cast buffers
+    except Exception as e:  # noqa: BLE001 - an architecture that cannot be shrunk keeps its cast buffers
+        warnings.warn(f"buffers {', '.join(names)} kept as built in the weights' dtype, cast to fp32 "
+                      f"(a one-block copy could not be built: {type(e).__name__}: {e})", stacklevel=2)
         return
     for name in names:
         if name in fresh and fresh[name].shape == model.get_buffer(name).shape:

@@ -55,3 +55,43 @@ def test_gpu_stage_chunks_concatenate_to_the_stream(tmp_path):
     files = [d / f"m.gguf.{d.name}" for d in dirs]
     assert [f.stat().st_size for f in files] == [3000, 3000, 3000, 1000]
     assert b"".join(f.read_bytes() for f in files) == data
+
+
+def test_main_redoes_failed_configurations_only(tmp_path, monkeypatch):
+    import json
+
+    from dashq_vllm.benchmarks import quality as Q
+
+    monkeypatch.setattr(Q, "environment", lambda: {})
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({"runs": {
+        "fp16": {"method": "fp16", "bits": None, "group_size": None, "nsamples": None, "ppl": 10.0},
+        "rtn-w2g32-n2": {"method": "rtn", "bits": 2, "group_size": 32, "nsamples": 2, "error": "killed"}}}))
+    calls = []
+
+    def fake_measure(opts, run_dir, method, bits, group, nsamples, tasks):
+        calls.append((method, bits, group, nsamples))
+        return {"method": method, "bits": bits, "group_size": group, "nsamples": nsamples, "ppl": 20.0}
+
+    monkeypatch.setattr(Q, "measure", fake_measure)
+    assert Q.main(["--settings", "2:32", "--methods", "rtn", "--nsamples", "2", "--out", str(out),
+                   "--workdir", str(tmp_path / "w")]) == 0
+    assert calls == [("rtn", 2, 32, 2)]
+    assert json.loads(out.read_text())["runs"]["rtn-w2g32-n2"]["ppl"] == 20.0
+
+
+def test_module_prints_both_tables_of_a_finished_run(tmp_path):
+    """Run as a script (python -m): everything main() uses is defined before it runs."""
+    import json
+    import subprocess
+    import sys
+
+    tasks = {t: {"acc": 0.5, "acc_norm": 0.5, "n": 10} for t in HEADLINE_METRIC}
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({"runs": {"fp16": {"method": "fp16", "bits": None, "group_size": None,
+                                                 "nsamples": None, "ppl": 10.0, "tasks": tasks}}}))
+    proc = subprocess.run([sys.executable, "-m", "dashq_vllm.benchmarks.quality", "--settings", "", "--tasks", "all",
+                           "--out", str(out), "--workdir", str(tmp_path / "w")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fp16 perplexity: 10.00" in proc.stdout and "| fp16 | 10.00 | 50.0 |" in proc.stdout
