@@ -2,9 +2,9 @@
 # The GPU calls behind issue 3's GPU acceptance and issue 4's benchmarks (device tool, H100/H200).
 # vLLM 0.26.0 comes from ../shared/gpu/bundle-vllm.sh (.gpu/p1..p5 + .gpu/deps, each <= 64 MiB a
 # call), the models from `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (.gpuq/MODEL/NN:
-# SmolLM2 2 folders, Qwen 19; the last also holds the gguf wheel and every data asset).
-# Back-to-back calls, machine warm (/tmp survives while it is; each staging call costs ~20 s of
-# device time, Qwen's 19 ~6.5 min):
+# SmolLM2 3 folders, Qwen 20; the last holds the gguf wheel, the sha256 and every data asset).
+# Back-to-back calls, machine warm (/tmp survives while it is; the machine goes back after 30 s idle; a
+# staging call takes ~4-5 s when issued back to back: on 2026-12-02 21 folders took 105 s):
 #   stage:  mkdir -p /tmp/stage && cp -r .gpu/pN/. /tmp/stage/            (carry .gpu/pN, N=1..5)
 #           mkdir -p /tmp/stage/deps && cp .gpu/deps/* /tmp/stage/deps/   (carry .gpu/deps)
 #           mkdir -p /tmp/stage && cp -r .gpuq/MODEL/NN/. /tmp/stage/    (carry .gpuq/MODEL/NN)
