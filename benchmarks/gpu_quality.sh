@@ -49,9 +49,13 @@ for model in "$@"; do
       --seqlen 2048 --eval-windows 40 --tasks "${QUALITY_TASKS-all}" --limit "${QUALITY_LIMIT:-200}" --task-nsamples 128 \
       --jobs "${QUALITY_JOBS:-3}" --device cuda --workdir /tmp/qwork-"$model" \
       --out /tmp/results/quality-"$model"-$GPU_TAG.json >> /tmp/results/quality-"$model".log 2>&1
-    echo "$model: quality.py exit $?"; tail -n 12 /tmp/results/quality-"$model".log
+    rc=$?
+    echo "$model: quality.py exit $rc"; tail -n 12 /tmp/results/quality-"$model".log
+    case $rc in 0|124|130) exit 0 ;; *) exit 1 ;; esac  # 124/130: stopped at the deadline, resumable
   ) &
   pids+=($!)
 done
-for p in "${pids[@]}"; do wait "$p"; done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=1; done
 finish
+exit $failed
