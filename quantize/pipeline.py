@@ -266,8 +266,9 @@ def _restore_fp32_buffers(model: nn.Module) -> None:
     from .model_io import model_from_config
 
     persistent = set(model.state_dict())
+    in_blocks = _layers_prefix(model, decoder_layers(model)) + "."
     names = [n for n, b in model.named_buffers() if n not in persistent and b.is_floating_point()
-             and not n.startswith(_layers_prefix(model, decoder_layers(model)) + ".")]
+             and not n.startswith(in_blocks)]
     if not names:
         return
     cfg = copy.deepcopy(model.config)

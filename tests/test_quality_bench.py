@@ -44,13 +44,13 @@ def test_gpu_stage_chunks_concatenate_to_the_stream(tmp_path):
     """gpu_stage.py cuts the GGUF byte stream into per-call folders of at most one chunk each."""
     import os
 
-    from dashq_vllm.benchmarks.gpu_stage import _chunk_writer
+    from dashq_vllm.benchmarks.gpu_stage import ChunkWriter
 
     data = os.urandom(10_000)
-    write, close = _chunk_writer(tmp_path, "m", 3000)
+    chunks = ChunkWriter(tmp_path, "m", 3000)
     for i in range(0, len(data), 700):  # writes that straddle chunk boundaries
-        write(data[i:i + 700])
-    dirs = close()
+        chunks.write(data[i:i + 700])
+    dirs = chunks.close()
     assert [d.name for d in dirs] == ["01", "02", "03", "04"]
     files = [d / f"m.gguf.{d.name}" for d in dirs]
     assert [f.stat().st_size for f in files] == [3000, 3000, 3000, 1000]
