@@ -397,6 +397,28 @@ def test_solver_speed(work):
     assert _finite(s["speedup_dashq_over_gptq"]) and s["speedup_dashq_over_gptq"] > 0
 
 
+def test_layer_error(work, calib, tiny_model):
+    out = work / "layer-error.json"
+    eval_text = work / "eval-layers.txt"
+    eval_text.write_text(make_text(2000, seed=3))
+    text = run([PY, "-m", "dashq_vllm.benchmarks.layer_error", "--model", str(tiny_model), "--blocks", "0,1",
+                "--settings", "2:32,4:64", "--calib", str(calib), "--eval-text", str(eval_text), "--nsamples", "4",
+                "--heldout", "2", "--seqlen", "32", "--out", str(out)], timeout=300, log=work / "logs" / "layer_error.log")
+    doc = json.loads(out.read_text())
+    from dashq_vllm.benchmarks.layer_error import VARIANTS
+
+    assert sorted(doc["blocks"]) == ["0", "1"]
+    for blk in doc["blocks"].values():
+        assert len(blk) == 7  # q k v o gate up down
+        for cells in blk.values():
+            assert sorted(cells) == ["2:32", "4:64"]
+            for cell in cells.values():
+                assert sorted(cell) == sorted(VARIANTS)
+                for v, r in cell.items():
+                    assert _finite(r["err"]) and r["err"] > 0 and 0 < r["diag_share"], (v, r)
+    assert "| 2-bit g32 |" in text and "| 4-bit g64 |" in text
+
+
 def test_bench_kernels_plot(work):
     """The one part of bench_kernels.py that runs without a GPU: plotting a results JSON (a committed one)."""
     results = sorted((p for p in (ROOT / "benchmarks" / "results").glob("kernels*.json")

@@ -1,5 +1,8 @@
 """benchmarks/quality.py's pure parts: which runs get the zero-shot tasks, the workers' thread
-share, the zero-shot table."""
+share, the zero-shot table; layer_error.py's error measure."""
+
+import pytest
+import torch
 
 from dashq_vllm.benchmarks.quality import HEADLINE_METRIC, gets_tasks, worker_env, zero_shot_table
 
@@ -95,3 +98,23 @@ def test_module_prints_both_tables_of_a_finished_run(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fp16 perplexity: 10.00" in proc.stdout and "| fp16 | 10.00 | 50.0 |" in proc.stdout
+
+
+def test_layer_output_error_matches_the_activations():
+    """layer_error's measure, from the Gram matrix, equals ||dW X^T||^2 / ||W X^T||^2 computed from the
+    activations themselves (float64), and its diagonal share is sum dW^2 diag(G) over the total."""
+    from dashq_vllm.benchmarks.layer_error import output_error, quadratic
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 48, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 48, dtype=torch.float64)
+    x[:, 5] += 2 * x[:, 7]  # correlated channels: the off-diagonal part is not zero
+    w = torch.randn(20, 48, generator=g, dtype=torch.float64)
+    w_hat = w + 0.05 * torch.randn(20, 48, generator=g, dtype=torch.float64)
+    gram = (x.T @ x).float()
+    r = output_error(w, w_hat, gram, quadratic(w.float(), gram))
+    dw = w_hat - w
+    want = float(((dw @ x.T) ** 2).sum() / ((w @ x.T) ** 2).sum())
+    assert r["err"] == pytest.approx(want, rel=1e-4)
+    diag = float((dw ** 2 * (x ** 2).sum(0)).sum())
+    assert r["diag_share"] == pytest.approx(diag / float(((dw @ x.T) ** 2).sum()), rel=1e-4)
+    assert abs(r["diag_share"] - 1) > 1e-3
