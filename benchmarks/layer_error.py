@@ -14,7 +14,7 @@ source model's activations (no earlier block is quantized), so every variant of 
 compared on the same inputs. Variants are the pipeline's own quantizer with one knob changed:
 damping, iterations, calibration length.
 
-    python -m dashq_vllm.benchmarks.layer_error --model qwen2.5-coder-1.5b --blocks 2,10,20 \\
+    python -m dashq_vllm.benchmarks.layer_error --model qwen2.5-coder-1.5b --blocks 4,14,24 \\
         --settings 3:128,4:128,3:64,2:32 --nsamples 32 --seqlen 512 --out layer-error.json
 """
 
@@ -32,9 +32,8 @@ import torch
 
 from dashq_vllm.quantize import solver
 from dashq_vllm.quantize.calibration import (BlockInputs, block_linears, capture_first_block_inputs,
-                                             collect_stats, decoder_layers, run_block, token_windows)
-from dashq_vllm.quantize.data import get_text
-from dashq_vllm.quantize.pipeline import QuantizeOptions, load_source_model, quantize_weight
+                                             collect_stats, decoder_layers, run_block)
+from dashq_vllm.quantize.pipeline import QuantizeOptions, calibration_samples, load_source_model, quantize_weight
 
 from .throughput import environment
 
@@ -137,9 +136,8 @@ def main(argv=None) -> int:
     if blocks[-1] >= len(layers):
         p.error(f"--blocks: the model has {len(layers)} blocks")
 
-    def windows(text: str, n: int) -> torch.Tensor:
-        ids = tok(get_text(text), add_special_tokens=False, verbose=False)["input_ids"]
-        return token_windows(ids, n, opts.seqlen, 0)
+    def windows(text: str, n: int) -> torch.Tensor:  # the quantizer's own windowing (seed 0)
+        return calibration_samples(tok, QuantizeOptions(calib=text, nsamples=n, seqlen=opts.seqlen))
 
     calib = capture_first_block_inputs(model, windows(opts.calib, opts.nsamples), torch.device("cpu"))
     heldout = capture_first_block_inputs(model, windows(opts.eval_text, opts.heldout), torch.device("cpu"))
