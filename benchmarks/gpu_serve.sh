@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU calls behind issue 3's GPU acceptance and issue 4's benchmarks (device tool, H100/H200).
-# vLLM 0.26.0 comes from ../shared/gpu/bundle-vllm.sh (.gpu/p1..p5 + .gpu/deps, each <= 64 MiB a
-# call), the models from `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (.gpuq/MODEL/NN:
+# vLLM 0.26.0 comes from ../shared/gpu/bundle-vllm.sh (.gpu/p1..pN + .gpu/deps; each call carries at
+# most 64 MiB *with* the ~6 MiB checkout, so re-split the wheel's parts to 52 MiB: 6 parts), the models from `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (.gpuq/MODEL/NN:
 # SmolLM2 3 folders, Qwen 20; the last holds the gguf wheel, the sha256 and every data asset).
 # Back-to-back calls, machine warm (/tmp survives while it is; the machine goes back after 30 s idle; a
 # staging call takes ~4-5 s when issued back to back: on 2026-12-02 21 folders took 105 s):
-#   stage:  mkdir -p /tmp/stage && cp -r .gpu/pN/. /tmp/stage/            (carry .gpu/pN, N=1..5)
+#   stage:  mkdir -p /tmp/stage && cp -r .gpu/pN/. /tmp/stage/            (carry .gpu/pN, N=1..6)
 #           mkdir -p /tmp/stage/deps && cp .gpu/deps/* /tmp/stage/deps/   (carry .gpu/deps)
 #           mkdir -p /tmp/stage && cp -r .gpuq/MODEL/NN/. /tmp/stage/    (carry .gpuq/MODEL/NN)
 #   run:    bash benchmarks/gpu_serve.sh STEP ...   (carry .gpuq/diag for kernels-ab)
@@ -13,12 +13,16 @@
 #           DASHQ_SKIP_INSTALL=1 (e.g. `KAB_PARTS=check ... kernels-ab &` next to `qwen-ckpts`).
 #   qwen-ckpts / ppl / mtbench: Qwen's DASH-Q checkpoints (three side by side on one H200: ~190 s),
 #           their perplexity, then MT-Bench-style answers graded by the bf16 parent (~240 s for three).
-#   online: `online llama3-8b` twice (same arguments): a call stops starting servers when its budget
-#           (ONLINE_TIMEOUT 490 s, < 9 min a call with set-up) is nearly spent and the next one resumes at
-#           the first (config, concurrency) not measured; 5 configs x ~130-160 s do not fit one call. Or
-#           by hand: `online llama3-8b fp16,gptq4:128,dashq4:128`, then `online llama3-8b dashq3:128,dashq2:64`.
+#   online: `online llama3-8b`: a call stops starting servers when its budget (ONLINE_TIMEOUT 490 s) is
+#           nearly spent and the next call resumes at the first (config, concurrency) not measured. On an
+#           H200 (2026-12-02) each config took ~95 s (start-up 50-63 s), so ONLINE_TIMEOUT=555
+#           ONLINE_MIN_CONFIG_S=125 did all five in one call (492 s).
 #   profile: `profile llama3-8b` (PROFILE_TIMEOUT 270 s): dashq4:128@64, fp16@64, dashq2:64@1, then
-#           gptq4:128@64 if time is left (a second call adds it; PROFILE_RUNS="CFG@BATCH ..." to choose).
+#           gptq4:128@64 if time is left (a second call adds it; PROFILE_RUNS="CFG@BATCH ..." to choose;
+#           ~45-50 s a run on an H200, so PROFILE_TIMEOUT=420 does the four in one call).
+#   throughput: `throughput llama3-8b` or `throughput llama3-70b-20l` (~55-60 s a config on an H200).
+#   qwen-throughput: offline throughput of Qwen's real checkpoints (QWEN_SETTINGS, after qwen-ckpts)
+#           against the bf16 source run at fp16.
 # Every step is resumable: results accumulate under /tmp/results and are copied to $OUT each call.
 # Keep every call's own timeouts well under the device's 600 s per call (what is not tarred to $OUT
 # when the call is killed is lost).
@@ -56,6 +60,16 @@ case "$step" in
       --configs "${2:-fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64}" --batches 1,16,64,256 \
       --out /tmp/results/throughput-$shape-$GPU_TAG${TPUT_TAG:-}.json --log-dir /tmp/results/logs --timeout 400 \
       || echo "throughput: stopped (resumable)" ;;
+  qwen-throughput)  # real checkpoints, their own weights (throughput.py --models); run qwen-ckpts first
+    qwen_hf || exit 1
+    models="fp16=/tmp/qwen-hf"
+    for bg in ${QWEN_SETTINGS:-4:128 3:128 2:32}; do
+      ck=$(qwen_ckpt ${bg%:*} ${bg#*:}) || exit 1; models="$models,dashq${bg%:*}-g${bg#*:}=$ck"
+    done
+    [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
+    timeout ${TPUT_TIMEOUT:-560} python3 -m dashq_vllm.benchmarks.throughput --models "$models" \
+      --label qwen2.5-coder-1.5b --batches 1,16,64,256 --out /tmp/results/throughput-qwen2.5-coder-1.5b-$GPU_TAG.json \
+      --log-dir /tmp/results/logs --timeout 300 || echo "qwen-throughput: stopped (resumable)" ;;
   online)  # bash benchmarks/gpu_serve.sh online [SHAPE] [CONFIGS]: `vllm bench serve` against `vllm serve`
            # at max concurrency 1/16/64 (TTFT/TPOT/ITL, output tok/s); resumable per (config, concurrency)
     shape=${1:-llama3-8b}; budget=${ONLINE_TIMEOUT:-490}

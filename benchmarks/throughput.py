@@ -19,6 +19,14 @@ the decode phase. Per configuration: weight memory and KV-cache capacity (tokens
 of concurrent ``--kv-len``-token sequences it holds) from vLLM's own start-up log, start-up time,
 and the GEMM kernel vLLM chose. Results accumulate in ``--out`` (resumable: configurations already
 there are skipped unless ``--force``). Not a test: nothing is asserted.
+
+Real checkpoints instead of dummy shapes: ``--models NAME=DIR,...`` runs each model directory as it
+is (its own weights, ``load_format auto``; ``--quantization dashq`` when DIR is a DASH-Q checkpoint,
+vLLM's own detection otherwise), everything else the same; ``--label`` names the run in ``--out``::
+
+    python -m dashq_vllm.benchmarks.throughput --label qwen2.5-coder-1.5b \
+        --models fp16=/models/qwen-hf,dashq4-g128=/ckpt/qwen-w4g128,dashq2-g32=/ckpt/qwen-w2g32 \
+        --out benchmarks/results/throughput-qwen2.5-coder-1.5b-h200.json
 """
 
 from __future__ import annotations
@@ -75,6 +83,30 @@ def parse_config(spec: str) -> dict:
     return {"name": f"{method}{bits}-g{group_size}", "method": method, "bits": int(bits), "group_size": group_size}
 
 
+def parse_model(spec: str) -> dict:
+    """``NAME=DIR`` (a real model directory) -> {name, method, bits, group_size, model_dir}: DASH-Q when
+    DIR holds ``dashq_config.json``, else the ``quant_method`` of its config.json, else fp16."""
+    name, sep, d = spec.partition("=")
+    name, d = name.strip(), d.strip()
+    if not sep or not name or not d:
+        raise ValueError(f"bad model {spec!r}: expected NAME=DIR, e.g. dashq4=/ckpt/qwen-w4g128")
+    path = Path(d).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {name!r}: {path} has no config.json")
+    from dashq_vllm.format import CONFIG_FILENAME, FormatError, load_dashq_config
+
+    if (path / CONFIG_FILENAME).is_file():
+        try:
+            bits, group = load_dashq_config(path).summary()
+        except FormatError as e:
+            raise ValueError(f"model {name!r}: {e}") from None
+        return {"name": name, "method": "dashq", "bits": bits, "group_size": group, "model_dir": str(path)}
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    method = str(qc.get("quant_method", "fp16"))
+    return {"name": name, "method": method, "bits": qc.get("bits", 16), "group_size": qc.get("group_size"),
+            "model_dir": str(path)}
+
+
 def hf_config(shape: str, dtype: str) -> dict:
     c = dict(SHAPES[shape])
     c.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
@@ -114,13 +146,13 @@ def worker(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=args.model_dir, skip_tokenizer_init=True, load_format="dummy", dtype=args.dtype,
+    llm = LLM(model=args.model_dir, skip_tokenizer_init=True, load_format=args.load_format, dtype=args.dtype,
               quantization="dashq" if args.method == "dashq" else None, max_model_len=args.kv_len,
               gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=max(args.batch_list),
               enable_prefix_caching=False, seed=0, enforce_eager=args.eager,
               compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
     startup_s = time.perf_counter() - t0
-    vocab = SHAPES[args.shape]["vocab_size"]
+    vocab = json.loads((Path(args.model_dir) / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(0)
 
     def prompts(b: int) -> list[dict]:
@@ -204,10 +236,13 @@ def environment() -> dict:
 
 
 def run_config(opts: argparse.Namespace, cfg: dict, work: Path) -> dict:
-    d = work / f"{opts.shape}-{cfg['name']}"
-    write_model_dir(d, opts.shape, cfg, opts.dtype)
+    if cfg.get("model_dir"):  # a real checkpoint, run as it is
+        d, load_format = Path(cfg["model_dir"]), "auto"
+    else:
+        d, load_format = work / f"{opts.shape}-{cfg['name']}", "dummy"
+        write_model_dir(d, opts.shape, cfg, opts.dtype)
     cmd = [sys.executable, "-m", "dashq_vllm.benchmarks.throughput", "--worker", "--model-dir", str(d),
-           "--shape", opts.shape, "--method", cfg["method"], "--dtype", opts.dtype, "--batches", opts.batches,
+           "--load-format", load_format, "--method", cfg["method"], "--dtype", opts.dtype, "--batches", opts.batches,
            "--input-len", str(opts.input_len), "--output-len", str(opts.output_len), "--kv-len", str(opts.kv_len),
            "--reps", str(opts.reps), "--gpu-memory-utilization", str(opts.gpu_memory_utilization)]
     if opts.eager:
@@ -232,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     p.add_argument("--configs", default="fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64")
+    p.add_argument("--models", metavar="NAME=DIR,...",
+                   help="real model directories instead of --shape/--configs (their own weights)")
+    p.add_argument("--label", help="with --models: the run's name in --out (default: the first DIR's name)")
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
@@ -248,10 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--load-format", default="dummy", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     try:
         opts.batch_list = [int(b) for b in opts.batches.split(",")]
-        cfgs = [parse_config(s) for s in opts.configs.split(",")]
+        if opts.worker:
+            cfgs = []
+        elif opts.models:
+            cfgs = [parse_model(s) for s in opts.models.split(",") if s.strip()]
+            names = [c["name"] for c in cfgs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"--models: names must be distinct, got {names}")
+            opts.shape = opts.label or Path(cfgs[0]["model_dir"]).name
+        else:
+            cfgs = [parse_config(s) for s in opts.configs.split(",")]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

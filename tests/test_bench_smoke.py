@@ -286,6 +286,28 @@ def test_throughput_and_plot(work):
     _png(png)
 
 
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_throughput_real_models(parent, parent_ckpt, work):
+    """--models: a real model directory and its DASH-Q checkpoint with their own weights."""
+    pytest.importorskip("vllm")
+    out, logs = work / "throughput-real.json", work / "throughput-real-logs"
+    cmd = [PY, "-m", "dashq_vllm.benchmarks.throughput", "--models", f"fp16={parent},dashq4-g32={parent_ckpt}",
+           "--label", "tiny-real", "--batches", "1", "--input-len", "16", "--output-len", "8", "--kv-len", "256",
+           "--dtype", "bfloat16", "--eager", "--timeout", "240", "--out", str(out), "--log-dir", str(logs)]
+    run(cmd, timeout=540, log=work / "logs" / "throughput-real.log", logs=[logs])
+    doc = json.loads(out.read_text())
+    assert "_failed" not in doc["results"], doc["results"].get("_failed")
+    assert doc["shape"] == "tiny-real"
+    for name, method in (("fp16", "fp16"), ("dashq4-g32", "dashq")):
+        r = doc["results"][name]
+        assert r["config"]["method"] == method and r["config"]["model_dir"]
+        (row,) = r["rows"]
+        assert row["output_tokens"] == 8 and row["output_tok_s"] > 0, row
+        log = (logs / f"throughput-tiny-real-{name}.log").read_text()
+        assert "load_format=auto" in log and "load_format=dummy" not in log  # its own weights
+
+
 # --------------------------------------------------------------------------- online serving (vllm bench serve)
 
 

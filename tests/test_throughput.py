@@ -33,6 +33,49 @@ def test_model_dirs(tmp_path):
     assert json.loads((tmp_path / "d" / "config.json").read_text())["quantization_config"]["quant_method"] == "dashq"
 
 
+def test_parse_model(tmp_path):
+    """--models NAME=DIR: DASH-Q from dashq_config.json, GPTQ from config.json, else fp16; bad specs say why."""
+    T.write_model_dir(tmp_path / "d", "tiny", T.parse_config("dashq3:64"), "float16")
+    T.write_model_dir(tmp_path / "g", "tiny", T.parse_config("gptq4:128"), "float16")
+    T.write_model_dir(tmp_path / "f", "tiny", T.parse_config("fp16"), "float16")
+    assert T.parse_model(f"q3 = {tmp_path / 'd'}") == {"name": "q3", "method": "dashq", "bits": 3, "group_size": 64,
+                                                       "model_dir": str(tmp_path / "d")}
+    g = T.parse_model(f"g={tmp_path / 'g'}")
+    assert (g["method"], g["bits"], g["group_size"]) == ("gptq", 4, 128)
+    assert T.parse_model(f"base={tmp_path / 'f'}")["method"] == "fp16"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")
+    (tmp_path / "bad" / "dashq_config.json").write_text("{not json")
+    for spec, msg in ((str(tmp_path / "d"), "NAME=DIR"), ("x=", "NAME=DIR"), (f"x={tmp_path / 'nope'}", "no config.json"),
+                      (f"x={tmp_path / 'bad'}", "unreadable JSON")):
+        with pytest.raises(ValueError, match=msg):
+            T.parse_model(spec)
+
+
+def test_main_with_models_runs_the_directories_as_they_are(tmp_path, monkeypatch):
+    """--models: each configuration is the given directory (no dummy directory written), the run is
+    recorded under --label, and duplicate names are refused."""
+    monkeypatch.setattr(T, "environment", lambda: {})
+    for name, spec in (("a", "fp16"), ("b", "dashq4:128")):
+        T.write_model_dir(tmp_path / name, "tiny", T.parse_config(spec), "float16")
+    seen = []
+
+    def fake_worker(cmd, timeout, name, log_path):
+        seen.append((name, cmd[cmd.index("--model-dir") + 1], cmd[cmd.index("--load-format") + 1],
+                     cmd[cmd.index("--method") + 1]))
+        return {"startup_s": 1.0, "rows": [{"batch": 1, "output_tok_s": 2.0}]}, ""
+
+    monkeypatch.setattr(T, "run_worker", fake_worker)
+    monkeypatch.setattr(T, "write_model_dir", lambda *a: pytest.fail("a dummy directory was written"))
+    out = tmp_path / "r.json"
+    models = f"fp16={tmp_path / 'a'},dashq4={tmp_path / 'b'}"
+    assert T.main(["--models", models, "--label", "real", "--batches", "1", "--out", str(out)]) == 0
+    assert seen == [("fp16", str(tmp_path / "a"), "auto", "fp16"), ("dashq4", str(tmp_path / "b"), "auto", "dashq")]
+    doc = json.loads(out.read_text())
+    assert doc["shape"] == "real" and doc["results"]["dashq4"]["config"]["model_dir"] == str(tmp_path / "b")
+    assert T.main(["--models", f"x={tmp_path / 'a'},x={tmp_path / 'b'}", "--batches", "1"]) == 2
+
+
 def test_parse_log():
     log = ("INFO Model loading took 5.43 GiB memory and 3.1 seconds\nINFO GPU KV cache size: 522,976 tokens\n"
            "INFO Maximum concurrency for 4,096 tokens per request: 127.68x\nINFO Using MacheteLinearKernel for X\n")
