@@ -29,6 +29,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 6144, "qkv"), (4096, 4096, "o"), (4096, 28672, "gate_up"), (14336, 4096, "down"),
           (8192, 28672, "70b_gate_up_shard")]
+# Swept (``--sweep-shapes``) but not benchmarked: Llama-3-70B's whole layers, as in throughput.py's
+# llama3-70b-20l stack (K x N of qkv, o, gate_up, down)
+SWEEP_EXTRA = [(8192, 10240, "70b_qkv"), (8192, 8192, "70b_o"), (8192, 57344, "70b_gate_up"),
+               (28672, 8192, "70b_down")]
 LARGE = {"gate_up", "down", "70b_gate_up_shard"}
 SMALL = {"qkv", "o"}
 M_LIST = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
@@ -690,7 +694,12 @@ def main():
         if "ablation" in sections:
             res["ablation"] = run_ablation(dev, res["info"])
         if "sweep" in sections:
-            sw_shapes = [s for s in SHAPES if s[2] in args.sweep_shapes.split(",")]
+            wanted = args.sweep_shapes.split(",")
+            known = {s[2]: s for s in SHAPES + SWEEP_EXTRA}
+            unknown = [w for w in wanted if w not in known]
+            if unknown:
+                raise ValueError(f"--sweep-shapes: unknown {unknown}; known: {sorted(known)}")
+            sw_shapes = [known[w] for w in wanted]
             table, rows = run_sweep(dev, res["info"], [int(m) for m in args.sweep_m.split(",")], BIT_CONFIGS,
                                     sw_shapes, args.sweep_budget_s)
             res["sweep"] = rows
