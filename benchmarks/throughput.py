@@ -101,7 +101,10 @@ def parse_model(spec: str) -> dict:
         except FormatError as e:
             raise ValueError(f"model {name!r}: {e}") from None
         return {"name": name, "method": "dashq", "bits": bits, "group_size": group, "model_dir": str(path)}
-    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"model {name!r}: {path / 'config.json'} is not a readable JSON object ({e})") from None
     method = str(qc.get("quant_method", "fp16"))
     return {"name": name, "method": method, "bits": qc.get("bits", 16), "group_size": qc.get("group_size"),
             "model_dir": str(path)}

@@ -46,7 +46,9 @@ def test_parse_model(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{}")
     (tmp_path / "bad" / "dashq_config.json").write_text("{not json")
-    for spec, msg in ((str(tmp_path / "d"), "NAME=DIR"), ("x=", "NAME=DIR"), (f"x={tmp_path / 'nope'}", "no config.json"),
+    (tmp_path / "badcfg").mkdir()
+    (tmp_path / "badcfg" / "config.json").write_text("[1, 2")
+    for spec, msg in ((str(tmp_path / "d"), "NAME=DIR"), (f"x={tmp_path / 'badcfg'}", "not a readable JSON object"), ("x=", "NAME=DIR"), (f"x={tmp_path / 'nope'}", "no config.json"),
                       (f"x={tmp_path / 'bad'}", "unreadable JSON")):
         with pytest.raises(ValueError, match=msg):
             T.parse_model(spec)
