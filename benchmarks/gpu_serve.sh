@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU calls behind issue 3's GPU acceptance and issue 4's benchmarks (device tool, H100/H200).
-# vLLM 0.26.0 comes from ../shared/gpu/bundle-vllm.sh (.gpu/p1..pN + .gpu/deps; each call carries at
-# most 64 MiB *with* the ~6 MiB checkout, so re-split the wheel's parts to 52 MiB: 6 parts), the models from `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (.gpuq/MODEL/NN:
+# vLLM 0.26.0 comes from ../shared/gpu/bundle-vllm.sh (.gpu/p1..pN + .gpu/deps). A call carries at most
+# 64 MiB *with* the ~6 MiB checkout, so re-split its 60 MiB parts into 52 MiB ones (6 parts):
+#   cat .gpu/p*/vllm.part* > /tmp/v.whl && rm -rf .gpu/p[0-9] && split -b 52M -d -a 1 /tmp/v.whl .gpu/vllm.part \
+#     && i=1 && for f in .gpu/vllm.part*; do mkdir .gpu/p$i && mv $f .gpu/p$i/; i=$((i+1)); done
+# The models come from `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (.gpuq/MODEL/NN:
 # SmolLM2 3 folders, Qwen 20; the last holds the gguf wheel, the sha256 and every data asset).
 # Back-to-back calls, machine warm (/tmp survives while it is; the machine goes back after 30 s idle; a
 # staging call takes ~4-5 s when issued back to back: on 2026-12-02 21 folders took 105 s):
