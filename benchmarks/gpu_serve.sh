@@ -26,6 +26,7 @@
 #   throughput: `throughput llama3-8b` or `throughput llama3-70b-20l` (~55-60 s a config on an H200).
 #   tune: sweep decode kernel configs on this GPU (8B and 70B layer shapes) into /tmp/results/k/tuned.json,
 #           used by every later step of the lease (no table is committed for the H200 yet).
+#   kernels-ptx: the experimental inline-PTX unpack (DASHQ_PTX_UNPACK=1) checked, then timed off/on.
 #   qwen-throughput: offline throughput of Qwen's real checkpoints (QWEN_SETTINGS, after qwen-ckpts)
 #           against the bf16 source run at fp16.
 # Every step is resumable: results accumulate under /tmp/results and are copied to $OUT each call.
@@ -143,6 +144,16 @@ case "$step" in
     done
     for p in "${pids[@]}"; do wait "$p" || echo "qwen-ckpts: a quantization failed (see quant-qwen-*.log)"; done
     tail -n 2 /tmp/results/quant-qwen-*.log ;;
+  kernels-ptx)  # KERNELS.md v6: the inline-PTX unpack (DASHQ_PTX_UNPACK=1) checked (every bits x group x dtype x
+                # path against float64), then M = 1/16 timed with it off and on (CUDA graphs), in one call
+    mkdir -p /tmp/results/kptx
+    DASHQ_PTX_UNPACK=1 timeout -s INT ${KPTX_CHECK_TIMEOUT:-200} python3 "$REPO"/benchmarks/bench_kernels.py \
+      --out /tmp/results/kptx --sections info,check --tag _check_ptx
+    for v in 0 1; do
+      DASHQ_PTX_UNPACK=$v timeout -s INT 150 python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/kptx \
+        --sections info,bench,graph --quick --bench-m 1,16 --tag _ptx$v
+    done
+    grep -h "FAIL\|graph M=1" /tmp/results/kptx/*.log | tail -n 30; true ;;
   kernels-ab)  # the kernels at HEAD checked (every bits x group x dtype x path), then timed at M=1/16
                # against an older copy of kernels/triton_kernels.py (AB_OLD, default .gpuq/diag/triton_kernels_old.py)
     mkdir -p /tmp/results/kab

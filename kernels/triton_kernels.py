@@ -36,6 +36,9 @@ import triton.language as tl
 from .configs import KernelConfig, fit_config, pick_config
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Experimental (KERNELS.md v6): the scaled mode extracts codes two at a time with inline PTX. Off by
+# default until it is checked and timed on a GPU; DASHQ_PTX_UNPACK=1 turns it on (CUDA only).
+PTX_UNPACK = os.environ.get("DASHQ_PTX_UNPACK", "0") == "1"
 MODES = {"dot": 0, "scaled": 1, "gemv": 2}  # and "wide" (dashq_gemm_kernel), "dequant" (+ cuBLAS)
 MODE_DOT: tl.constexpr = tl.constexpr(0)
 MODE_SCALED: tl.constexpr = tl.constexpr(1)
@@ -94,13 +97,19 @@ def _tile_words(qw_ptr, t, BITS: tl.constexpr, K, offs_n, mask_n, N):
 
 
 @triton.jit
-def _chunk_codes(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr):
-    """Codes (16, BLOCK_N) of chunk c of the tile from :func:`_tile_words`' words."""
-    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
+def _chunk_main(main_a, main_b, c: tl.constexpr, WIDTH: tl.constexpr):
+    """The main-plane words chunk c lives in (8 bits: the two 16-row halves alternate)."""
     main = main_a
     if WIDTH == 8 and c % 2 == 1:
         main = main_b
-    q = _plane_codes(main, c, WIDTH)
+    return main
+
+
+@triton.jit
+def _chunk_codes(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr):
+    """Codes (16, BLOCK_N) of chunk c of the tile from :func:`_tile_words`' words."""
+    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
+    q = _plane_codes(_chunk_main(main_a, main_b, c, WIDTH), c, WIDTH)
     if BITS == 3:
         q = q | (_plane_codes(hi, c, 1) << 2)
     return q
@@ -121,6 +130,54 @@ def _magic_operand(codes, DTYPE: tl.constexpr):
     else:
         bits = codes | 0x4300
     return bits.to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def _pair_operand(words, SHIFT, mask2, magic2, DTYPE: tl.constexpr):
+    """Inline PTX (CUDA only): DTYPE values MAGIC + ((words >> SHIFT) & mask), as
+    :func:`_magic_operand` of :func:`_plane_codes`, two elements per asm block.
+
+    SHIFT is an int (one shift for every element: the halves holding it are packed into one register
+    first (prmt), then shifted once) or an int32 tensor (each word shifted by its own amount, then the
+    low halves packed). Then ``& mask | magic`` on both halves at once (lop3, LUT 0xEA = (a & b) | c).
+    Element-wise whichever two elements Triton packs together; mask2 / magic2 hold the mask / the
+    magic's bits in both 16-bit halves; constant operands fold into immediates."""
+    if isinstance(SHIFT, tl.constexpr) or isinstance(SHIFT, int):
+        asm: tl.constexpr = "{ .reg .b32 t; prmt.b32 t, $1, $2, $3; shr.b32 t, t, $5; lop3.b32 $0, t, $7, $9, 0xea; }"
+        sel = tl.full(words.shape, 0x5410 if SHIFT < 16 else 0x7632, tl.int32)
+        args = [words, sel, tl.full(words.shape, SHIFT % 16, tl.int32), mask2, magic2]
+        cons: tl.constexpr = "=r,r,r,r,r,r,r,r,r,r,r"
+    else:
+        asm: tl.constexpr = ("{ .reg .b32 u, v, t; shr.b32 u, $1, $3; shr.b32 v, $2, $4; prmt.b32 t, u, v, 0x5410; "
+                             "lop3.b32 $0, t, $5, $7, 0xea; }")
+        args = [words, SHIFT, mask2, magic2]
+        cons: tl.constexpr = "=r,r,r,r,r,r,r,r,r"
+    if DTYPE == tl.float16:
+        out = tl.inline_asm_elementwise(asm, cons, args, dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise(asm, cons, args, dtype=tl.bfloat16, is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
+def _chunk_operand(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
+                   PTX: tl.constexpr):
+    """The scaled mode's dot operand MAGIC + q of chunk c: with PTX (2/4/8 bits, CUDA) extracted two
+    codes at a time by :func:`_pair_operand` (constant shifts fold into immediates), else
+    :func:`_magic_operand` of :func:`_chunk_codes`."""
+    if PTX and BITS != 3:
+        R: tl.constexpr = 4 * BITS
+        main = _chunk_main(main_a, main_b, c, BITS)
+        mask2 = tl.full(main.shape, ((1 << BITS) - 1) * 65537, tl.int32)
+        magic2 = tl.full(main.shape, (0x6400 if DTYPE == tl.float16 else 0x4300) * 65537, tl.int32)
+        if R >= 16:  # one shift for the chunk
+            out = _pair_operand(main, 16 * c // R * BITS, mask2, magic2, DTYPE)
+        else:  # 2 bits: rows repeat, each with its own shift
+            shifts = ((16 * c + tl.arange(0, 16)) // R * BITS)[:, None] + tl.zeros(main.shape, tl.int32)
+            out = _pair_operand(main, shifts, mask2, magic2, DTYPE)
+    else:
+        out = _magic_operand(_chunk_codes(main_a, main_b, hi, c, BITS), DTYPE)
+    return out
 
 
 @triton.jit
@@ -161,9 +218,10 @@ def _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BI
 def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PTX: tl.constexpr):
     """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); K % KT == 0.
-    ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y."""
+    ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y.
+    PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`)."""
     KT: tl.constexpr = 128  # K tile: one block of every plane
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
@@ -193,7 +251,7 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
         sum_xz = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # SCALED: x @ ones, on the tensor cores
         for c in tl.static_range(KT // 16):
             offs_k = k0 + c * 16 + r16
-            q = _chunk_codes(main_a, main_b, hi, c, BITS)
+            q = _chunk_codes(main_a, main_b, hi, c, BITS)  # (unused by the scaled mode's PTX path: eliminated)
             if c % CPG == 0:  # first chunk of a group
                 s = _group_row(s_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N)
                 z = _group_row(z_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N)
@@ -212,7 +270,7 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                     w = (_exact_float(q) * s + z).to(DTYPE, fp_downcast_rounding="rtne")
                     acc = _dot(x, w, acc, DOT_F32)
                 else:
-                    part = _dot(x, _magic_operand(q, DTYPE), part, DOT_F32)
+                    part = _dot(x, _chunk_operand(main_a, main_b, hi, c, BITS, DTYPE, PTX), part, DOT_F32)
                     sum_xz = _dot(x, tl.full((16, BLOCK_N), 1.0, DTYPE), sum_xz, DOT_F32)
             if (c + 1) % CPG == 0:  # last chunk of a group: apply its scale
                 if MODE == MODE_SCALED:
@@ -364,7 +422,8 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
         kernel = dashq_linear_kernel
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
-                    MODE=MODES[cfg.kind], ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
+                    MODE=MODES[cfg.kind], ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET,
+                    PTX=PTX_UNPACK and not _INTERPRET and x2.is_cuda)
     key = launch_key(kernel, meta, cfg, args)
     compiled = None if _INTERPRET else _COMPILED.get(key)
     if compiled is not None:

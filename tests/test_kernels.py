@@ -157,3 +157,82 @@ def test_launch_key_separates_what_a_binary_is_built_for():
     assert launch_key(dashq_linear_kernel, meta, cfg, (x.bfloat16(), y, 4, 32, 64)) != base
     assert launch_key(dashq_linear_kernel, meta, cfg, (x, y, 4, 33, 64)) != base  # 32 -> 33: not /16
     assert launch_key(dashq_linear_kernel, meta, cfg, (x, y, 7, 48, 64)) == base  # same classes
+
+
+# --------------------------------------------------------------------------- the experimental PTX unpack
+
+
+def _compile_sm90(bits, dtype, ptx, mode="scaled"):
+    """dashq_linear_kernel compiled for sm_90 on this machine (Triton's bundled ptxas; no GPU), with
+    the divisibility a real launch specialises on."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:  # pragma: no cover - triton layout dependent
+        pytest.skip(f"this triton cannot compile ahead of time: {e!r}")
+    from dashq_vllm.kernels.triton_kernels import MODES, dashq_linear_kernel
+
+    t = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    sig = {"x_ptr": t, "qw_ptr": "*i32", "s_ptr": t, "z_ptr": t, "b_ptr": t, "y_ptr": t, "M": "i32", "N": "i32",
+           "K": "i32", "KX": "i32", "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}
+    consts = dict(BITS=bits, GROUP=64, BLOCK_M=16, BLOCK_N=128, GROUP_M=1, MODE=MODES[mode], ATOMIC=True,
+                  HAS_BIAS=False, DOT_F32=False, PTX=ptx)
+    sig.update({k: "constexpr" for k in consts})
+    names = dashq_linear_kernel.arg_names
+    aligned = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KX", "stride_xm", "stride_ym")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=dashq_linear_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    except Exception as e:
+        if "ptxas" in repr(e).lower() and "not found" in repr(e).lower():  # pragma: no cover
+            pytest.skip(f"no ptxas for an ahead-of-time compile: {e!r}")
+        raise
+
+
+@pytest.mark.parametrize("bits,dtype", [(2, torch.float16), (4, torch.float16), (4, torch.bfloat16),
+                                        (8, torch.float16), (3, torch.float16)])
+def test_ptx_unpack_compiles_for_sm90(bits, dtype):
+    """DASHQ_PTX_UNPACK's kernel (KERNELS.md v6) is valid PTX that ptxas accepts, and the flag really
+    switches the scaled mode's unpacking: the pair-packing asm is in the PTX exactly when PTX is set
+    (3 bits keep the Triton unpack). Its numbers can only be checked on a GPU (bench_kernels.py check)."""
+    with_ptx = _compile_sm90(bits, dtype, True)
+    without = _compile_sm90(bits, dtype, False)
+    assert with_ptx.asm["cubin"] and without.asm["cubin"]
+    marker = "prmt.b32 t,"  # the pair-packing asm of _pair_operand (both forms)
+    assert (marker in with_ptx.asm["ptx"]) == (bits != 3)
+    assert marker not in without.asm["ptx"]
+    # the other modes ignore the flag
+    assert marker not in _compile_sm90(bits, dtype, True, mode="dot").asm["ptx"]
+
+
+def test_ptx_unpack_is_off_by_default_and_only_on_cuda(monkeypatch):
+    """The flag defaults to off, and launch() never asks for PTX on CPU tensors (the interpreter
+    cannot run PTX)."""
+    import importlib
+
+    import dashq_vllm.kernels.triton_kernels as TK
+
+    monkeypatch.delenv("DASHQ_PTX_UNPACK", raising=False)
+    assert importlib.reload(TK).PTX_UNPACK is False
+    monkeypatch.setenv("DASHQ_PTX_UNPACK", "1")
+    assert importlib.reload(TK).PTX_UNPACK is True
+    seen = {}
+    monkeypatch.setattr(TK, "_COMPILED", {})
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                seen.update(meta)
+            return run
+
+    monkeypatch.setattr(TK, "dashq_linear_kernel", FakeKernel())
+    x = torch.randn(1, 128, dtype=torch.float16)
+    y = torch.zeros(1, 64, dtype=torch.float16)
+    cfg = TK.KernelConfig(16, 64, split_k=1, kind="scaled")
+    TK.launch(x, torch.zeros(16, 64, dtype=torch.int32), torch.ones(1, 64, dtype=torch.float16),
+              torch.zeros(1, 64, dtype=torch.float16), None, y, 4, 128, 64, 128, cfg)
+    assert seen["PTX"] is False and seen["MODE"] == TK.MODES["scaled"]
+    monkeypatch.delenv("DASHQ_PTX_UNPACK")
+    importlib.reload(TK)
