@@ -201,8 +201,13 @@ def test_ptx_unpack_compiles_for_sm90(bits, dtype):
     without = _compile_sm90(bits, dtype, False)
     assert with_ptx.asm["cubin"] and without.asm["cubin"]
     marker = "prmt.b32 t,"  # the pair-packing asm of _pair_operand (both forms)
-    assert (marker in with_ptx.asm["ptx"]) == (bits != 3)
+    ptx = with_ptx.asm["ptx"]
+    assert (marker in ptx) == (bits != 3)
     assert marker not in without.asm["ptx"]
+    if bits != 3:  # the operands the asm is given: the mask and the magic in both halves
+        mask2 = ((1 << bits) - 1) * 0x10001
+        magic2 = (0x6400 if dtype == torch.float16 else 0x4300) * 0x10001
+        assert f", {mask2};" in ptx and f", {magic2};" in ptx, (mask2, magic2)
     # the other modes ignore the flag
     assert marker not in _compile_sm90(bits, dtype, True, mode="dot").asm["ptx"]
 
