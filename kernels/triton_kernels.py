@@ -218,10 +218,12 @@ def _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BI
 def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PTX: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PTX: tl.constexpr,
+                        EVEN_K: tl.constexpr):
     """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); K % KT == 0.
     ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y.
-    PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`)."""
+    PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`).
+    EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk)."""
     KT: tl.constexpr = 128  # K tile: one block of every plane
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
@@ -259,13 +261,19 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                 sum_x = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
                 sum_xz = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
             if MODE == MODE_GEMV:
-                xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < KX, other=0.0)  # pid_m < M
+                if EVEN_K:
+                    xv = tl.load(x_ptr + pid_m * stride_xm + offs_k)  # pid_m < M
+                else:
+                    xv = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < KX, other=0.0)
                 xv = xv.to(tl.float32)
                 part += _exact_float(q) * xv[:, None]
                 sum_x += tl.sum(xv, axis=0)
             else:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=mask_m[:, None] & (offs_k[None, :] < KX), other=0.0)
+                if EVEN_K:
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+                else:
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                                mask=mask_m[:, None] & (offs_k[None, :] < KX), other=0.0)
                 if MODE == MODE_DOT:
                     w = (_exact_float(q) * s + z).to(DTYPE, fp_downcast_rounding="rtne")
                     acc = _dot(x, w, acc, DOT_F32)
@@ -423,7 +431,7 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                     MODE=MODES[cfg.kind], ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET,
-                    PTX=PTX_UNPACK and not _INTERPRET and x2.is_cuda)
+                    PTX=PTX_UNPACK and not _INTERPRET and x2.is_cuda, EVEN_K=kx == k)
     key = launch_key(kernel, meta, cfg, args)
     compiled = None if _INTERPRET else _COMPILED.get(key)
     if compiled is not None:

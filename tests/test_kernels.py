@@ -162,7 +162,7 @@ def test_launch_key_separates_what_a_binary_is_built_for():
 # --------------------------------------------------------------------------- the experimental PTX unpack
 
 
-def _compile_sm90(bits, dtype, ptx, mode="scaled"):
+def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True):
     """dashq_linear_kernel compiled for sm_90 on this machine (Triton's bundled ptxas; no GPU), with
     the divisibility a real launch specialises on."""
     triton = pytest.importorskip("triton")
@@ -176,8 +176,9 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled"):
     t = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
     sig = {"x_ptr": t, "qw_ptr": "*i32", "s_ptr": t, "z_ptr": t, "b_ptr": t, "y_ptr": t, "M": "i32", "N": "i32",
            "K": "i32", "KX": "i32", "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}
-    consts = dict(BITS=bits, GROUP=64, BLOCK_M=16, BLOCK_N=128, GROUP_M=1, MODE=MODES[mode], ATOMIC=True,
-                  HAS_BIAS=False, DOT_F32=False, PTX=ptx)
+    consts = dict(BITS=bits, GROUP=64, BLOCK_M=1 if mode == "gemv" else 16, BLOCK_N=128, GROUP_M=1,
+                  MODE=MODES[mode], ATOMIC=True,
+                  HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k)
     sig.update({k: "constexpr" for k in consts})
     names = dashq_linear_kernel.arg_names
     aligned = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KX", "stride_xm", "stride_ym")

@@ -99,6 +99,26 @@ else:
         assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
         assert rel_err(y, dense_reference(x, t, spec, bias)) <= 1e-2
 
+    @pytest.mark.parametrize("path", ["decode-dot", "decode-scaled", "gemv"])
+    @pytest.mark.parametrize("bits", [2, 3, 4])
+    def test_triton_kernel_even_k(bits, path):
+        """x exactly K wide (EVEN_K: loaded without a k mask), fp16, two K tiles."""
+        m, make_cfg = PATHS[path]
+        n, k_in, group = 40, 2 * K.k_tile(bits), 64
+        seed = zlib.crc32(f"even{bits}{path}".encode())
+        spec, t = random_module(bits, group, n, k_in, seed)
+        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float16)
+        assert kw.k == k_in
+        x = torch.randn(m, k_in, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
+        y_full = torch.full((m, n + 8), float("nan"), dtype=torch.float16)
+        y = y_full[:, :n]
+        cfg = make_cfg(torch.float16)
+        if cfg.split_k > 1:
+            y.zero_()
+        launch(x, kw.qweight, kw.scales, kw.szeros, None, y, bits, group, n, kw.k, cfg)
+        assert torch.isnan(y_full[:, n:]).all() and torch.isfinite(y).all()
+        assert rel_err(y, dense_reference(x, t, spec, None)) <= 1e-2
+
     @pytest.mark.parametrize("m", [1, 16, 17])
     def test_triton_linear_entry_point(m):
         """The op's CUDA function (default configs, output allocation, leading dims) on CPU tensors."""
