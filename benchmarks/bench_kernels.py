@@ -100,7 +100,8 @@ def bench_ms(fn, rep=40):
 def measure_info(dev):
     p = torch.cuda.get_device_properties(dev)
     info = {"gpu": p.name, "sms": p.multi_processor_count, "l2_bytes": getattr(p, "L2_cache_size", 50 << 20),
-            "torch": torch.__version__, "triton": triton.__version__}
+            "torch": torch.__version__, "triton": triton.__version__, "ptx_unpack": K.triton_kernels.PTX_UNPACK,
+            "kernel_configs": os.environ.get("DASHQ_KERNEL_CONFIGS")}
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)

@@ -216,6 +216,9 @@ def parse_log(text: str) -> dict:
     return out
 
 
+KERNEL_ENV = ("DASHQ_PTX_UNPACK", "DASHQ_KERNEL_CONFIGS", "DASHQ_CPU_MODE")
+
+
 def environment() -> dict:
     env = {"machine": platform.node(), "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     for mod in ("torch", "triton", "vllm", "transformers"):
@@ -235,6 +238,8 @@ def environment() -> dict:
     except OSError:
         env["commit"] = None
     env["commit"] = os.environ.get("DASHQ_COMMIT", env["commit"])
+    # the settings that change which kernels run (a result is only comparable with the same ones)
+    env["dashq_settings"] = {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}
     return env
 
 

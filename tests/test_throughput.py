@@ -78,6 +78,15 @@ def test_main_with_models_runs_the_directories_as_they_are(tmp_path, monkeypatch
     assert T.main(["--models", f"x={tmp_path / 'a'},x={tmp_path / 'b'}", "--batches", "1"]) == 2
 
 
+def test_environment_records_the_kernel_settings(monkeypatch):
+    """Result files say which kernels ran: the env settings that switch them are recorded."""
+    for k in T.KERNEL_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("DASHQ_PTX_UNPACK", "1")
+    env = T.environment()
+    assert env["dashq_settings"] == {"DASHQ_PTX_UNPACK": "1"} and env["torch"]
+
+
 def test_parse_log():
     log = ("INFO Model loading took 5.43 GiB memory and 3.1 seconds\nINFO GPU KV cache size: 522,976 tokens\n"
            "INFO Maximum concurrency for 4,096 tokens per request: 127.68x\nINFO Using MacheteLinearKernel for X\n")
