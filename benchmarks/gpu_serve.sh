@@ -45,6 +45,9 @@ if [ ! -f /tmp/site/.installed ]; then
   touch /tmp/site/.installed
 fi
 dashq_env "$REPO" || exit 1
+use_tuned_table() {  # the kernel table `tune` swept on this GPU earlier in the lease, if any
+  [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json; true
+}
 qwen_hf() { stage_model qwen2.5-coder-1.5b /tmp/qwen-hf; }  # /tmp/qwen-hf from the staged GGUF
 qwen_ckpt() {  # BITS GROUP -> prints the checkpoint dir, quantized on the GPU unless it exists
   local ck=/tmp/ckpt/qwen2.5-coder-1.5b-dashq-w$1g$2
@@ -61,7 +64,7 @@ step=${1:-throughput}; shift || true
 case "$step" in
   throughput)  # bash benchmarks/gpu_serve.sh throughput [SHAPE] [CONFIGS]
     shape=${1:-llama3-8b}
-    [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
+    use_tuned_table
     timeout ${TPUT_TIMEOUT:-560} python3 -m dashq_vllm.benchmarks.throughput --shape "$shape" \
       --configs "${2:-fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64}" --batches 1,16,64,256 \
       --out /tmp/results/throughput-$shape-$GPU_TAG${TPUT_TAG:-}.json --log-dir /tmp/results/logs --timeout 400 \
@@ -72,14 +75,14 @@ case "$step" in
     for bg in ${QWEN_SETTINGS:-4:128 3:128 2:32}; do
       ck=$(qwen_ckpt ${bg%:*} ${bg#*:}) || exit 1; models="$models,dashq${bg%:*}-g${bg#*:}=$ck"
     done
-    [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
+    use_tuned_table
     timeout ${TPUT_TIMEOUT:-560} python3 -m dashq_vllm.benchmarks.throughput --models "$models" \
       --label qwen2.5-coder-1.5b --batches 1,16,64,256 --out /tmp/results/throughput-qwen2.5-coder-1.5b-$GPU_TAG.json \
       --log-dir /tmp/results/logs --timeout 300 || echo "qwen-throughput: stopped (resumable)" ;;
   online)  # bash benchmarks/gpu_serve.sh online [SHAPE] [CONFIGS]: `vllm bench serve` against `vllm serve`
            # at max concurrency 1/16/64 (TTFT/TPOT/ITL, output tok/s); resumable per (config, concurrency)
     shape=${1:-llama3-8b}; budget=${ONLINE_TIMEOUT:-490}
-    [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
+    use_tuned_table
     timeout -s INT -k 20 $budget python3 -m dashq_vllm.benchmarks.serve_bench --shape "$shape" \
       --configs "${2:-fp16,gptq4:128,dashq4:128,dashq3:128,dashq2:64}" --concurrency ${ONLINE_CONCURRENCY:-1,16,64} \
       --input-len 128 --output-len 256 --out /tmp/results/online-$shape-$GPU_TAG${ONLINE_TAG:-}.json \
@@ -89,7 +92,7 @@ case "$step" in
   profile)  # bash benchmarks/gpu_serve.sh profile [SHAPE]: vLLM's torch profiler over 8 decode steps per
             # CONFIG@BATCH; summaries (JSON + text, KB) in /tmp/results/profile, traces in /tmp/prof-traces
     shape=${1:-llama3-8b}; t_end=$(( $(date +%s) + ${PROFILE_TIMEOUT:-270} ))
-    [ -f /tmp/results/k/tuned.json ] && export DASHQ_KERNEL_CONFIGS=/tmp/results/k/tuned.json
+    use_tuned_table
     for run in ${PROFILE_RUNS:-dashq4:128@64 fp16@64 dashq2:64@1 gptq4:128@64}; do
       left=$(( t_end - $(date +%s) ))
       [ $left -lt 100 ] && { echo "profile: ${left}s left, $run and later not run (resumable)"; break; }

@@ -73,23 +73,18 @@ else:
         "wide-dot": (19, lambda dt: KernelConfig(16, 32, block_k=32, kind="wide", scaled=False)),
     }
 
-    @pytest.mark.parametrize("path", sorted(PATHS))
-    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-    @pytest.mark.parametrize("group", [32, 64, 128])
-    @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-    def test_triton_kernel_vs_float64(bits, group, dtype, path):
+    def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
+        """One kernel path on fresh random data against float64; N = 40 is not a multiple of
+        BLOCK_N. y has 8 poisoned spare columns that must stay untouched; its body is NaN-poisoned
+        too, except under split-K, which accumulates into a zero-filled output by contract."""
         m, make_cfg = PATHS[path]
         cfg = make_cfg(dtype)
-        # N not a multiple of BLOCK_N; x unpadded (k_in < K); two K tiles (split-K: one each)
-        n, k_in = 40, 2 * K.k_tile(bits) - 5
-        seed = zlib.crc32(f"{bits}{group}{dtype}{path}".encode())
+        n = 40
         spec, t = random_module(bits, group, n, k_in, seed)
         kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, dtype)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(m, k_in, generator=g).to(dtype)
-        bias = torch.randn(n, generator=g).to(dtype) if (bits + group) % 2 == 0 else None
-        # y has 8 poisoned spare columns that must stay untouched; its body is NaN-poisoned too,
-        # except under split-K, which accumulates into a zero-filled output by contract
+        bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
         y_full = torch.full((m, n + 8), float("nan"), dtype=dtype)
         y = y_full[:, :n]
         if cfg.split_k > 1:
@@ -98,26 +93,24 @@ else:
         assert torch.isnan(y_full[:, n:]).all(), "wrote outside the output"
         assert torch.isfinite(y).all(), "unwritten or non-finite outputs"
         assert rel_err(y, dense_reference(x, t, spec, bias)) <= 1e-2
+        return kw
+
+    @pytest.mark.parametrize("path", sorted(PATHS))
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("group", [32, 64, 128])
+    @pytest.mark.parametrize("bits", [2, 3, 4, 8])
+    def test_triton_kernel_vs_float64(bits, group, dtype, path):
+        # x unpadded (k_in < K); two K tiles (split-K: one each)
+        _check_path(bits, group, dtype, path, 2 * K.k_tile(bits) - 5,
+                    zlib.crc32(f"{bits}{group}{dtype}{path}".encode()), (bits + group) % 2 == 0)
 
     @pytest.mark.parametrize("path", ["decode-dot", "decode-scaled", "gemv"])
     @pytest.mark.parametrize("bits", [2, 3, 4])
     def test_triton_kernel_even_k(bits, path):
         """x exactly K wide (EVEN_K: loaded without a k mask), fp16, two K tiles."""
-        m, make_cfg = PATHS[path]
-        n, k_in, group = 40, 2 * K.k_tile(bits), 64
-        seed = zlib.crc32(f"even{bits}{path}".encode())
-        spec, t = random_module(bits, group, n, k_in, seed)
-        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float16)
+        k_in = 2 * K.k_tile(bits)
+        kw = _check_path(bits, 64, torch.float16, path, k_in, zlib.crc32(f"even{bits}{path}".encode()), False)
         assert kw.k == k_in
-        x = torch.randn(m, k_in, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
-        y_full = torch.full((m, n + 8), float("nan"), dtype=torch.float16)
-        y = y_full[:, :n]
-        cfg = make_cfg(torch.float16)
-        if cfg.split_k > 1:
-            y.zero_()
-        launch(x, kw.qweight, kw.scales, kw.szeros, None, y, bits, group, n, kw.k, cfg)
-        assert torch.isnan(y_full[:, n:]).all() and torch.isfinite(y).all()
-        assert rel_err(y, dense_reference(x, t, spec, None)) <= 1e-2
 
     @pytest.mark.parametrize("m", [1, 16, 17])
     def test_triton_linear_entry_point(m):
