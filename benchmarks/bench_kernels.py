@@ -30,13 +30,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 6144, "qkv"), (4096, 4096, "o"), (4096, 28672, "gate_up"), (14336, 4096, "down"),
           (8192, 28672, "70b_gate_up_shard")]
 # Swept (``--sweep-shapes``) but not benchmarked: Llama-3-70B's whole layers, as in throughput.py's
-# llama3-70b-20l stack (K x N of qkv, o, gate_up, down)
+# llama3-70b-20l stack, and Qwen2.5-(Coder-)1.5B's (K x N of qkv, o, gate_up, down)
 SWEEP_EXTRA = [(8192, 10240, "70b_qkv"), (8192, 8192, "70b_o"), (8192, 57344, "70b_gate_up"),
-               (28672, 8192, "70b_down")]
+               (28672, 8192, "70b_down"), (1536, 2048, "q15_qkv"), (1536, 1536, "q15_o"),
+               (1536, 17920, "q15_gate_up"), (8960, 1536, "q15_down")]
 LARGE = {"gate_up", "down", "70b_gate_up_shard"}
 SMALL = {"qkv", "o"}
 M_LIST = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 BIT_CONFIGS = [(4, 128), (3, 128), (2, 64)]
+
+
+def parse_bit_configs(text: str) -> list[tuple[int, int]]:
+    """"4:128,2:32" -> [(4, 128), (2, 32)]; empty -> BIT_CONFIGS."""
+    if not text:
+        return list(BIT_CONFIGS)
+    out = []
+    for item in text.split(","):
+        bits, sep, group = item.partition(":")
+        if not (sep and bits.isdigit() and group.isdigit()) or int(bits) not in (2, 3, 4, 8) \
+                or int(group) not in (32, 64, 128):
+            raise ValueError(f"--sweep-bits: {item!r} is not BITS:GROUP with BITS in 2/3/4/8 and GROUP in 32/64/128")
+        out.append((int(bits), int(group)))
+    return out
 
 
 def import_kernels():
@@ -610,8 +625,11 @@ def plot(json_path, png_path):
     import matplotlib.pyplot as plt
 
     rows = json.loads(Path(json_path).read_text())["bench"]
-    names = [s[2] for s in SHAPES]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True)
+    names = [s[2] for s in SHAPES if any(r["shape"] == s[2] for r in rows)]  # a --quick run has three
+    if not names:
+        raise ValueError(f"{json_path}: its bench section has none of the shapes {[s[2] for s in SHAPES]}")
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, name in zip(axes, names):
         for bits, group in BIT_CONFIGS:
             sel = sorted((r for r in rows if r["shape"] == name and r["bits"] == bits), key=lambda r: r["m"])
@@ -656,6 +674,8 @@ def main():
     ap.add_argument("--sweep-m", default="1,16,64,1024,4096")
     ap.add_argument("--bench-m", default="", help="M values of the bench section (default: the issue's list)")
     ap.add_argument("--sweep-shapes", default="gate_up,down,o")
+    ap.add_argument("--sweep-bits", default="", help="BITS:GROUP,... to sweep (default: the benchmark's "
+                    + ",".join(f"{b}:{g}" for b, g in BIT_CONFIGS) + ")")
     ap.add_argument("--sweep-budget-s", type=float, default=240)
     ap.add_argument("--sweep-keep-buckets", default="", help="merge only these M buckets into the committed table")
     ap.add_argument("--refine", action="store_true", help="decode sweep: register caps around committed picks")
@@ -701,8 +721,8 @@ def main():
             if unknown:
                 raise ValueError(f"--sweep-shapes: unknown {unknown}; known: {sorted(known)}")
             sw_shapes = [known[w] for w in wanted]
-            table, rows = run_sweep(dev, res["info"], [int(m) for m in args.sweep_m.split(",")], BIT_CONFIGS,
-                                    sw_shapes, args.sweep_budget_s)
+            table, rows = run_sweep(dev, res["info"], [int(m) for m in args.sweep_m.split(",")],
+                                    parse_bit_configs(args.sweep_bits), sw_shapes, args.sweep_budget_s)
             res["sweep"] = rows
             if args.sweep_keep_buckets:  # merge into the committed table, only these M buckets
                 keep = {int(b) for b in args.sweep_keep_buckets.split(",")}

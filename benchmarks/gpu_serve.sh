@@ -24,9 +24,10 @@
 #           gptq4:128@64 if time is left (a second call adds it; PROFILE_RUNS="CFG@BATCH ..." to choose;
 #           ~45-50 s a run on an H200, so PROFILE_TIMEOUT=420 does the four in one call).
 #   throughput: `throughput llama3-8b` or `throughput llama3-70b-20l` (~55-60 s a config on an H200).
-#   tune: sweep decode kernel configs on this GPU (8B and 70B layer shapes) into /tmp/results/k/tuned.json,
-#           used by every later step of the lease (no table is committed for the H200 yet).
-#   kernels-ptx: the experimental inline-PTX unpack (DASHQ_PTX_UNPACK=1) checked, then timed off/on.
+#   tune: sweep decode kernel configs on this GPU (8B, 70B and Qwen-1.5B layer shapes; 4b g128, 3b g128,
+#           2b g64/g32) into /tmp/results/k/tuned.json, used by every later step of the lease (commit it as
+#           kernels/tuned/<GPU name>.json; the H200's of 2026-12-02 took 34 s for the 8B/70B shapes).
+#   kernels-ptx: the inline-PTX unpack (on by default since 2026-12-02) checked, then timed off/on.
 #   qwen-throughput: offline throughput of Qwen's real checkpoints (QWEN_SETTINGS, after qwen-ckpts)
 #           against the bf16 source run at fp16.
 # Every step is resumable: results accumulate under /tmp/results and are copied to $OUT each call.
@@ -100,13 +101,15 @@ case "$step" in
         --batch ${run#*@} --steps 8 --out-dir /tmp/results/profile --trace-dir /tmp/prof-traces \
         --log-dir /tmp/results/logs --timeout $(( left - 15 )) || echo "profile $run: failed or stopped"
     done ;;
-  tune)  # decode configs (M = 1 and 2-16) swept on this GPU for Llama-3-8B's and the 70B stack's layers ->
+  tune)  # decode configs (M = 1 and 2-16) swept on this GPU for Llama-3-8B's, the 70B stack's and Qwen-1.5B's layers ->
          # /tmp/results/k/tuned.json, which the throughput/online/profile steps then use (commit it as
          # kernels/tuned/<GPU name>.json); mid M keeps the heuristic
     mkdir -p /tmp/results/k
     timeout -s INT ${TUNE_TIMEOUT:-540} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
       --sections info,sweep --sweep-m ${TUNE_M:-1,16} --sweep-budget-s ${TUNE_BUDGET_S:-400} --tag _tune \
-      --sweep-shapes ${TUNE_SHAPES:-qkv,o,gate_up,down,70b_qkv,70b_o,70b_gate_up,70b_down} || echo "tune: stopped"
+      --sweep-bits ${TUNE_BITS:-4:128,3:128,2:64,2:32} \
+      --sweep-shapes ${TUNE_SHAPES:-qkv,o,gate_up,down,70b_qkv,70b_o,70b_gate_up,70b_down,q15_qkv,q15_o,q15_gate_up,q15_down} \
+      || echo "tune: stopped"
     tail -n 5 /tmp/results/k/kernels_tune.log ;;
   kernels)  # v5: sweep the "wide" GEMM against dequant + cuBLAS at mid/large M, check, bench
     mkdir -p /tmp/results/k
@@ -147,7 +150,7 @@ case "$step" in
     done
     for p in "${pids[@]}"; do wait "$p" || echo "qwen-ckpts: a quantization failed (see quant-qwen-*.log)"; done
     tail -n 2 /tmp/results/quant-qwen-*.log ;;
-  kernels-ptx)  # KERNELS.md v6: the inline-PTX unpack (DASHQ_PTX_UNPACK=1) checked (every bits x group x dtype x
+  kernels-ptx)  # KERNELS.md v6: the inline-PTX unpack (DASHQ_PTX_UNPACK=1, the default) checked (every bits x group x dtype x
                 # path against float64), then M = 1/16 timed with it off and on (CUDA graphs), in one call
     mkdir -p /tmp/results/kptx
     DASHQ_PTX_UNPACK=1 timeout -s INT ${KPTX_CHECK_TIMEOUT:-200} python3 "$REPO"/benchmarks/bench_kernels.py \

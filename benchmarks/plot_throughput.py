@@ -20,15 +20,15 @@ def plot(json_path: str | Path, png_path: str | Path) -> None:
     doc = json.loads(Path(json_path).read_text())
     env = doc.get("environment", {})
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    base = {r["batch"]: r["output_tok_s"] for r in doc["results"].get("fp16", {}).get("rows", [])}
-    for name, res in doc["results"].items():
-        if name.startswith("_"):
-            continue
+    names = [n for n in doc["results"] if not n.startswith("_")]
+    ref = "fp16" if "fp16" in names else names[0]  # the speed-ups' baseline
+    base = {r["batch"]: r["output_tok_s"] for r in doc["results"][ref]["rows"]}
+    for name in names:
+        res = doc["results"][name]
         rows = res["rows"]
         b = [r["batch"] for r in rows]
         ax.plot(b, [r["output_tok_s"] for r in rows], marker="o", label=f"{name} ({res.get('weights_gib', '?')} GiB)")
-        if base:
-            ax2.plot(b, [r["output_tok_s"] / base[r["batch"]] for r in rows], marker="o", label=name)
+        ax2.plot(b, [r["output_tok_s"] / base[r["batch"]] for r in rows], marker="o", label=name)
     for a in (ax, ax2):
         a.set_xscale("log", base=2)
         a.set_xlabel("batch size (concurrent requests)")
@@ -37,9 +37,13 @@ def plot(json_path: str | Path, png_path: str | Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("output tokens/s")
     ax2.axhline(1.0, color="k", lw=0.8)
-    ax2.set_ylabel("speed-up over fp16")
+    ax2.set_ylabel(f"speed-up over {ref}")
     s = doc.get("settings", {})
-    fig.suptitle(f"vLLM {env.get('vllm')} offline generate, {doc.get('shape')} (dummy weights), "
+    real = any(res.get("config", {}).get("model_dir") for res in doc["results"].values() if isinstance(res, dict))
+    knobs = ", ".join(f"{k}={v}" for k, v in sorted(env.get("dashq_settings", {}).items()) if k != "DASHQ_KERNEL_CONFIGS")
+    tuned = " + tuned table" if env.get("dashq_settings", {}).get("DASHQ_KERNEL_CONFIGS") else ""
+    fig.suptitle(f"vLLM {env.get('vllm')} offline generate, {doc.get('shape')} "
+                 f"({'real checkpoints' if real else 'dummy weights'}{', ' + knobs if knobs else ''}{tuned}), "
                  f"{s.get('input_len')} in / {s.get('output_len')} out, {env.get('gpu')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

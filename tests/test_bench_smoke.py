@@ -441,6 +441,21 @@ def test_layer_error(work, calib, tiny_model):
     assert "| 2-bit g32 |" in text and "| 4-bit g64 |" in text
 
 
+def test_bench_kernels_sweep_bits():
+    """The tune step's --sweep-bits: BITS:GROUP pairs, the benchmark's own set when empty, a clear
+    error for anything the kernels do not have."""
+    from dashq_vllm.benchmarks import bench_kernels as B
+
+    assert B.parse_bit_configs("") == B.BIT_CONFIGS
+    assert B.parse_bit_configs("4:128,2:32") == [(4, 128), (2, 32)]
+    for bad in ("5:128", "4:96", "4", "4:", "a:b"):
+        with pytest.raises(ValueError, match="--sweep-bits"):
+            B.parse_bit_configs(bad)
+    names = {s[2] for s in B.SHAPES + B.SWEEP_EXTRA}
+    assert {"q15_qkv", "q15_o", "q15_gate_up", "q15_down", "70b_down"} <= names
+    assert all(k % 128 == 0 for k, _, _ in B.SHAPES + B.SWEEP_EXTRA)  # the kernels' K tile
+
+
 def test_bench_kernels_plot(work):
     """The one part of bench_kernels.py that runs without a GPU: plotting a results JSON (a committed one)."""
     results = sorted((p for p in (ROOT / "benchmarks" / "results").glob("kernels*.json")

@@ -2,6 +2,9 @@
 the torch.library registration (schema + fake kernel). The Triton kernels themselves are checked
 under the interpreter in tests/test_kernels_interpret.py."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -213,19 +216,19 @@ def test_ptx_unpack_compiles_for_sm90(bits, dtype):
     assert marker not in _compile_sm90(bits, dtype, True, mode="dot").asm["ptx"]
 
 
-def test_ptx_unpack_is_off_by_default_and_only_on_cuda(monkeypatch):
-    """The flag defaults to off, and launch() never asks for PTX on CPU tensors (the interpreter
-    cannot run PTX)."""
+def test_ptx_unpack_default_switch_and_platforms(monkeypatch):
+    """The flag is on by default and DASHQ_PTX_UNPACK=0 turns it off; launch() asks for PTX only on
+    NVIDIA CUDA tensors: never on CPU tensors (the interpreter cannot run PTX) nor on ROCm."""
     import importlib
 
     import dashq_vllm.kernels.triton_kernels as TK
 
     monkeypatch.delenv("DASHQ_PTX_UNPACK", raising=False)
+    assert importlib.reload(TK).PTX_UNPACK is True
+    monkeypatch.setenv("DASHQ_PTX_UNPACK", "0")
     assert importlib.reload(TK).PTX_UNPACK is False
     monkeypatch.setenv("DASHQ_PTX_UNPACK", "1")
     assert importlib.reload(TK).PTX_UNPACK is True
-    seen = {}
-    monkeypatch.setattr(TK, "_COMPILED", {})
 
     class FakeKernel:
         def __getitem__(self, grid):
@@ -233,12 +236,53 @@ def test_ptx_unpack_is_off_by_default_and_only_on_cuda(monkeypatch):
                 seen.update(meta)
             return run
 
+    class FakeCuda(torch.Tensor):  # what launch() reads of a CUDA tensor, on CPU data
+        @property
+        def is_cuda(self):
+            return True
+
+    def launch(x):
+        TK.launch(x, torch.zeros(16, 64, dtype=torch.int32), torch.ones(1, 64, dtype=torch.float16),
+                  torch.zeros(1, 64, dtype=torch.float16), None, torch.zeros(1, 64, dtype=torch.float16),
+                  4, 128, 64, 128, TK.KernelConfig(16, 64, split_k=1, kind="scaled"))
+        return seen["PTX"]
+
+    seen = {}
+    monkeypatch.setattr(TK, "_COMPILED", {})
+    monkeypatch.setattr(TK, "_INTERPRET", False)
     monkeypatch.setattr(TK, "dashq_linear_kernel", FakeKernel())
     x = torch.randn(1, 128, dtype=torch.float16)
-    y = torch.zeros(1, 64, dtype=torch.float16)
-    cfg = TK.KernelConfig(16, 64, split_k=1, kind="scaled")
-    TK.launch(x, torch.zeros(16, 64, dtype=torch.int32), torch.ones(1, 64, dtype=torch.float16),
-              torch.zeros(1, 64, dtype=torch.float16), None, y, 4, 128, 64, 128, cfg)
-    assert seen["PTX"] is False and seen["MODE"] == TK.MODES["scaled"]
+    assert launch(x) is False and seen["MODE"] == TK.MODES["scaled"]  # CPU tensor
+    cuda_x = x.as_subclass(FakeCuda)
+    assert launch(cuda_x) is True
+    monkeypatch.setattr(TK, "_PTX_PLATFORM", False)  # ROCm
+    assert launch(cuda_x) is False
+    monkeypatch.setattr(TK, "_PTX_PLATFORM", True)
+    monkeypatch.setattr(TK, "PTX_UNPACK", False)  # DASHQ_PTX_UNPACK=0
+    assert launch(cuda_x) is False
     monkeypatch.delenv("DASHQ_PTX_UNPACK")
     importlib.reload(TK)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "kernels" / "tuned").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_committed_tuned_tables_load(path, monkeypatch):
+    """Every committed per-GPU table (looked up by the GPU's name) loads into KernelConfigs with
+    well-formed keys and launchable values; decode buckets hold decode kinds."""
+    from dashq_vllm.kernels import configs as C
+
+    monkeypatch.delenv("DASHQ_KERNEL_CONFIGS", raising=False)
+    C.clear_cache()
+    table = C.load_table(path.stem)
+    C.clear_cache()
+    assert len(table) == len(json.loads(path.read_text())) > 0
+    for key, cfg in table.items():
+        bits, group, bucket, n, k = (int(v) for v in key.split("/"))
+        assert bits in (2, 3, 4, 8) and group in (32, 64, 128) and bucket in C.M_BUCKETS, key
+        assert n > 0 and k % 128 == 0, key
+        assert cfg.kind in ("dot", "scaled", "gemv", "wide", "dequant"), (key, cfg)
+        assert cfg.block_n in (32, 64, 128, 256) and cfg.split_k >= 1 and cfg.num_warps in (1, 2, 4, 8, 16)
+        if bucket <= C.DECODE_MAX_M:
+            assert cfg.kind in ("dot", "scaled", "gemv"), (key, cfg)
+        if cfg.kind == "gemv":
+            assert bucket == 1, (key, cfg)  # one row per program: M = 1 only
