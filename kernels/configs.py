@@ -62,24 +62,36 @@ def _device_facts(device_index: int) -> tuple[str, int]:
     return props.name.replace(" ", "_"), props.multi_processor_count
 
 
-def _split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
-    """Split K until the grid has ~4 programs per SM, keeping >= 2 K tiles per program."""
+def _split_k(n_tiles: int, k_tiles: int, sms: int, min_tiles: int = 2) -> int:
+    """Split K until the grid has ~4 programs per SM, keeping >= min_tiles K tiles per program."""
     split = 1
-    while n_tiles * split < 4 * sms and k_tiles // (split * 2) >= 2:
+    while n_tiles * split < 4 * sms and k_tiles // (split * 2) >= min_tiles:
         split *= 2
     return split
 
 
+GEMV_MIN_TILES = 4  # K tiles per "gemv" program (H200 sweep, KERNELS.md v6: 2-3.5 cost 1.5-2.1x at 2 bits)
+
+
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
-                     block_n: int = 128) -> KernelConfig:
-    """Defaults for shapes the tuned table lacks (from the H100 sweeps in benchmarks/KERNELS.md):
+                     block_n: int | None = None) -> KernelConfig:
+    """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md):
     M = 1: tensor-core "scaled" at 4/8 bits, CUDA-core GEMV at 2/3 bits; M <= 16: "scaled";
-    M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a dense temporary + cuBLAS."""
+    M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a dense temporary + cuBLAS.
+    Split-K fills the GPU (~4 programs per SM). A GEMV program keeps >= GEMV_MIN_TILES K tiles and,
+    unless block_n is given, narrows to 64 columns when 128-wide tiles cannot fill the GPU that way."""
     if m <= DECODE_MAX_M:
-        split = _split_k(-(-n // block_n), k // k_tile(bits), sms)
+        k_tiles = k // k_tile(bits)
         if m == 1 and bits in (2, 3):
-            return KernelConfig(1, block_n, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="gemv")
-        return KernelConfig(16, block_n, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
+            bn = block_n or 128
+            split = _split_k(-(-n // bn), k_tiles, sms, GEMV_MIN_TILES)
+            if block_n is None and -(-n // bn) * split < 4 * sms:
+                bn = 64
+                split = _split_k(-(-n // bn), k_tiles, sms, GEMV_MIN_TILES)
+            return KernelConfig(1, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="gemv")
+        bn = block_n or 128
+        split = _split_k(-(-n // bn), k_tiles, sms)
+        return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
     if m <= 64 and n >= 4 * k:  # v5 sweep: the "wide" GEMM wins on wide-N shapes (gate_up)
         return KernelConfig(64, 64, num_warps=4, num_stages=3, kind="wide", block_k=128)
     return KernelConfig(128, 128, kind="dequant")
