@@ -62,15 +62,17 @@ def _device_facts(device_index: int) -> tuple[str, int]:
     return props.name.replace(" ", "_"), props.multi_processor_count
 
 
-def _split_k(n_tiles: int, k_tiles: int, sms: int, min_tiles: int = 2) -> int:
-    """Split K until the grid has ~4 programs per SM, keeping >= min_tiles K tiles per program."""
+def _split_k(n_tiles: int, k: int, tile: int, sms: int, min_k: int) -> int:
+    """Split K until the grid has ~4 programs per SM, keeping >= min_k of K (whole K tiles of
+    ``tile``) per program."""
     split = 1
-    while n_tiles * split < 4 * sms and k_tiles // (split * 2) >= min_tiles:
+    while n_tiles * split < 4 * sms and (k // tile) // (split * 2) * tile >= min_k:
         split *= 2
     return split
 
 
-GEMV_MIN_TILES = 4  # K tiles per "gemv" program (H200 sweep, KERNELS.md v6: 2-3.5 cost 1.5-2.1x at 2 bits)
+SCALED_MIN_K = 256  # k per tensor-core decode program
+GEMV_MIN_K = 512  # k per "gemv" program (H200 sweep, KERNELS.md v6: 256-448 cost 1.5-2.1x at 2 bits)
 
 
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
@@ -78,19 +80,19 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md):
     M = 1: tensor-core "scaled" at 4/8 bits, CUDA-core GEMV at 2/3 bits; M <= 16: "scaled";
     M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a dense temporary + cuBLAS.
-    Split-K fills the GPU (~4 programs per SM). A GEMV program keeps >= GEMV_MIN_TILES K tiles and,
+    Split-K fills the GPU (~4 programs per SM). A GEMV program keeps >= GEMV_MIN_K of K and,
     unless block_n is given, narrows to 64 columns when 128-wide tiles cannot fill the GPU that way."""
     if m <= DECODE_MAX_M:
-        k_tiles = k // k_tile(bits)
+        tile = k_tile(bits)
         if m == 1 and bits in (2, 3):
             bn = block_n or 128
-            split = _split_k(-(-n // bn), k_tiles, sms, GEMV_MIN_TILES)
+            split = _split_k(-(-n // bn), k, tile, sms, GEMV_MIN_K)
             if block_n is None and -(-n // bn) * split < 4 * sms:
                 bn = 64
-                split = _split_k(-(-n // bn), k_tiles, sms, GEMV_MIN_TILES)
+                split = _split_k(-(-n // bn), k, tile, sms, GEMV_MIN_K)
             return KernelConfig(1, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="gemv")
         bn = block_n or 128
-        split = _split_k(-(-n // bn), k_tiles, sms)
+        split = _split_k(-(-n // bn), k, tile, sms, SCALED_MIN_K)
         return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
     if m <= 64 and n >= 4 * k:  # v5 sweep: the "wide" GEMM wins on wide-N shapes (gate_up)
         return KernelConfig(64, 64, num_warps=4, num_stages=3, kind="wide", block_k=128)
@@ -114,13 +116,16 @@ def save_table(table: dict[str, KernelConfig], path: str | os.PathLike) -> None:
 
 def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dtype) -> KernelConfig:
     """Make a config legal: "scaled" needs codes that fit its magic constant (bf16: < 128, so not
-    8 bits); "gemv" has one row per program; tl.dot needs BLOCK_M >= 16."""
+    8 bits); "gemv" has one row per program; tl.dot needs BLOCK_M >= 16; no more K splits than K
+    tiles (a table tuned on 128-k tiles may ask for more at 2 bits, whose tiles are 256 k)."""
     if cfg.kind == "scaled" and bits == 8 and dtype == torch.bfloat16:
         cfg = replace(cfg, kind="dot")
     if cfg.kind == "gemv" and cfg.block_m != 1:
         cfg = replace(cfg, block_m=1)
     if cfg.kind not in ("gemv", "dequant") and cfg.block_m < 16:
         cfg = replace(cfg, block_m=16)
+    if cfg.split_k > max(1, k // k_tile(bits)):
+        cfg = replace(cfg, split_k=max(1, k // k_tile(bits)))
     if cfg.kind == "wide":
         bk = min(cfg.block_k or 64, group, 128)
         # raw codes as exact halves: fp16 holds codes < 1024, bf16 < 128 (not 8 bits)

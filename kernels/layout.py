@@ -1,20 +1,23 @@
 """The kernels' weight layout, and the repack between it and the checkpoint's flat stream.
 
 Kernel layout of one linear with N = out_features outputs and K = quant_in_features inputs,
-at ``bits`` bits, K padded up to ``Kp = padded_k(K)``, a multiple of 128 (padded codes and
-scales are zero, so they add nothing):
+at ``bits`` bits, K padded up to ``Kp = padded_k(K)``, a multiple of ``k_tile(bits)`` (padded
+codes and scales are zero, so they add nothing):
 
 * ``qweight``: int32 ``(Kp * bits // 32, N)``, one output column per int32 column, so a row
   of words is contiguous along N (coalesced, 16-byte loads).
   The codes are split into *planes* of power-of-two width: 2/4/8 bits are one plane of that
   width; 3 bits are a 2-bit plane (the low bits) followed by a 1-bit plane (the high bit), so
-  exactly 3 bits per weight. A plane of width ``b`` holds ``P = 32 // b`` codes per word and
-  ``R = 128 // P`` word rows per block of 128 consecutive k (R = 32/16/8/4 at b = 8/4/2/1):
-  code ``k = 128 B + R j + r`` (``0 <= j < P``, ``0 <= r < R``) sits in word row ``R B + r`` at
-  bits ``j b .. j b + b - 1``. So shifting R consecutive word rows right by ``j b`` gives the
-  codes of R consecutive k: the kernels unpack 16 consecutive k (one tensor-core K step) with
-  one shift and one mask per code and no reshuffling. Planes are stacked along dim 0 (at 3
-  bits: the 2-bit plane's Kp/16 rows, then the 1-bit plane's Kp/32 rows).
+  exactly 3 bits per weight. A plane of width ``b`` holds ``P = 32 // b`` codes per word in
+  blocks of ``R`` word rows holding ``KB = R P`` consecutive k: code ``k = KB B + R j + r``
+  (``0 <= j < P``, ``0 <= r < R``) sits in word row ``R B + r`` at bits ``j b .. j b + b - 1``.
+  So shifting R consecutive word rows right by ``j b`` gives the codes of R consecutive k.
+  ``R`` (:func:`plane_rows`) is 16 at 2 and 4 bits (KB = 256 and 128), 32 at 8 bits (KB = 128),
+  and 8 / 4 for the 3-bit planes (KB = 128). With R >= 16 the kernels unpack 16 consecutive k
+  (one tensor-core K step) with one immediate shift for the whole step; the 3-bit planes repeat
+  rows with a shift per row. Planes are stacked along dim 0 (at 3 bits: the 2-bit plane's Kp/16
+  rows, then the 1-bit plane's Kp/32 rows). K is padded to :func:`k_tile` (256 at 2 bits, else
+  128), one block of every plane.
 * ``scales``: ``(Kp // group, N)``, the per-group scale ``s``.
 * ``szeros``: ``(Kp // group, N)``, the folded zero ``-zero * s``, so that
   ``W[n, k] = q * s + szeros`` (one FMA) equals the checkpoint's ``(q - zero) * scale``.
@@ -31,7 +34,6 @@ import torch
 from dashq_vllm.format import FormatError, ModuleSpec, pack_codes, unpack_codes
 
 KERNEL_BITS = (2, 3, 4, 8)
-K_BLOCK = 128  # consecutive k per block of every plane; the kernels' K tile
 
 
 def plane_bits(bits: int) -> tuple[int, ...]:
@@ -41,15 +43,16 @@ def plane_bits(bits: int) -> tuple[int, ...]:
     return (2, 1) if bits == 3 else (bits,)
 
 
-def block_rows(width: int) -> int:
-    """Word rows per 128-k block of a ``width``-bit plane."""
-    return K_BLOCK * width // 32
+def plane_rows(bits: int, width: int) -> int:
+    """Word rows R per block of the ``width``-bit plane of ``bits``-bit codes: 16 for 2 bits (256 k
+    per block, so a 16-k step is one immediate shift), else 128 k per block."""
+    return 16 if bits == 2 else 128 * width // 32
 
 
 def k_tile(bits: int) -> int:
-    """The padding unit of K (a block of every plane, and a whole number of groups)."""
-    plane_bits(bits)
-    return K_BLOCK
+    """The padding unit of K and the kernels' K tile: one block of every plane (256 k at 2 bits,
+    else 128), a whole number of groups."""
+    return plane_rows(bits, plane_bits(bits)[0]) * 32 // plane_bits(bits)[0]
 
 
 def padded_k(k: int, bits: int) -> int:
@@ -63,22 +66,23 @@ def qweight_rows(bits: int, k: int) -> int:
     return k * bits // 32
 
 
-def _pack_plane(codes_kn: torch.Tensor, width: int) -> torch.Tensor:
-    """(K, N) codes of one plane (values < 2**width) -> (K * width // 32, N) int32 words."""
-    per, rows = 32 // width, block_rows(width)
+def _pack_plane(codes_kn: torch.Tensor, width: int, rows: int) -> torch.Tensor:
+    """(K, N) codes of one plane (values < 2**width) -> (K * width // 32, N) int32 words, in
+    blocks of ``rows`` word rows."""
+    per = 32 // width
     k, n = codes_kn.shape
-    c = codes_kn.to(torch.int64).view(k // K_BLOCK, per, rows, n)  # k = 128 B + R j + r
+    c = codes_kn.to(torch.int64).view(k // (rows * per), per, rows, n)  # k = KB B + R j + r
     shifts = (torch.arange(per, device=c.device, dtype=torch.int64) * width).view(1, per, 1, 1)
     words = (c << shifts).sum(dim=1).reshape(-1, n)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _unpack_plane(words: torch.Tensor, width: int) -> torch.Tensor:
+def _unpack_plane(words: torch.Tensor, width: int, rows: int) -> torch.Tensor:
     """Inverse of :func:`_pack_plane`: (rows, N) int32 -> (rows * 32 // width, N) int64."""
     per = 32 // width
     n = words.shape[1]
     shifts = (torch.arange(per, device=words.device, dtype=torch.int64) * width).view(1, per, 1, 1)
-    w = words.to(torch.int64).view(-1, 1, block_rows(width), n)
+    w = words.to(torch.int64).view(-1, 1, rows, n)
     return ((w >> shifts) & ((1 << width) - 1)).reshape(-1, n)
 
 
@@ -88,7 +92,7 @@ def pack_kernel_codes(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes_kn.to(torch.int64)
     planes, shift = [], 0
     for width in plane_bits(bits):
-        planes.append(_pack_plane((c >> shift) & ((1 << width) - 1), width))
+        planes.append(_pack_plane((c >> shift) & ((1 << width) - 1), width, plane_rows(bits, width)))
         shift += width
     return torch.cat(planes, dim=0).contiguous()
 
@@ -99,7 +103,7 @@ def unpack_kernel_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     codes, row, shift = None, 0, 0
     for width in plane_bits(bits):
         rows = k * width // 32
-        part = _unpack_plane(qweight[row:row + rows], width) << shift
+        part = _unpack_plane(qweight[row:row + rows], width, plane_rows(bits, width)) << shift
         codes = part if codes is None else codes | part
         row += rows
         shift += width

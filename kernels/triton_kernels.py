@@ -1,11 +1,12 @@
 """Triton kernels of ``dashq::linear`` (see ``kernels/__init__.py`` for the contract and
 ``kernels/layout.py`` for the weight layout).
 
-One kernel, specialised by constexprs. It walks K in tiles of 128 (one block of every bit
-plane). For each chunk of 16 consecutive k (one tensor-core K step) it takes a (16, BLOCK_N)
-tile of words (at 2/1-bit planes, whose blocks have 8/4 rows, rows repeat) and shifts each row
-by its slot, so unpacking costs one shift and one mask per code, with no reshuffling of
-registers. Each chunk is consumed by one of three MODEs:
+One kernel, specialised by constexprs. It walks K in tiles of one block of every bit plane
+(``layout.k_tile``: 256 k at 2 bits, else 128). For each chunk of 16 consecutive k (one
+tensor-core K step) it takes a (16, BLOCK_N) tile of words and shifts it by the chunk's slot: one
+immediate shift for the whole chunk at 2/4/8 bits (16-row blocks), a shift per row for the 3-bit
+planes (8/4-row blocks, rows repeat). Unpacking costs one shift and one mask per code, with no
+reshuffling of registers. Each chunk is consumed by one of three MODEs:
 
 * ``MODE_DOT``: dequantize in registers (``q * s + szeros``, float32 FMA) then ``tl.dot``;
 * ``MODE_SCALED``: ``tl.dot`` on the raw codes (made exact half floats ``MAGIC + q`` with one OR,
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .configs import KernelConfig, fit_config, pick_config
+from .layout import k_tile
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # KERNELS.md v6: the scaled mode extracts codes two at a time with inline PTX (checked on an H200
@@ -63,19 +65,17 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _plane_words(ptr, t, h: tl.constexpr, WIDTH: tl.constexpr, offs_n, mask_n, N):
-    """(16, BLOCK_N) words of tile t of a WIDTH-bit plane: rows R t + (16 h + [0, 16)) % R, where
-    R = 4 * WIDTH rows hold the 128-k block (R < 16 repeats rows; R = 32 has two halves h)."""
-    R: tl.constexpr = 4 * WIDTH
+def _plane_words(ptr, t, h: tl.constexpr, R: tl.constexpr, offs_n, mask_n, N):
+    """(16, BLOCK_N) words of tile t of a plane with R-row blocks: rows R t + (16 h + [0, 16)) % R
+    (R < 16 repeats rows; R = 32 has two halves h)."""
     rows = t * R + (16 * h + tl.arange(0, 16)) % R
     return tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
 
 
 @triton.jit
-def _plane_codes(words, c: tl.constexpr, WIDTH: tl.constexpr):
+def _plane_codes(words, c: tl.constexpr, WIDTH: tl.constexpr, R: tl.constexpr):
     """Codes (16, BLOCK_N) of chunk c (k = 16 c + [0, 16) in the tile): word row (16 c + r) % R,
     slot (16 c + r) // R."""
-    R: tl.constexpr = 4 * WIDTH
     if R >= 16:  # one slot for the whole chunk: an immediate shift
         codes = (words >> (16 * c // R * WIDTH)) & ((1 << WIDTH) - 1)
     else:
@@ -88,13 +88,14 @@ def _tile_words(qw_ptr, t, BITS: tl.constexpr, K, offs_n, mask_n, N):
     """Every plane word K tile t needs, loaded once: the main plane's (two halves at 8 bits) and,
     at 3 bits, the 1-bit plane stored after the 2-bit plane's K / 16 rows."""
     WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
-    main_a = _plane_words(qw_ptr, t, 0, WIDTH, offs_n, mask_n, N)
+    R: tl.constexpr = 16 if BITS == 2 else 4 * WIDTH  # word rows per block (layout.plane_rows)
+    main_a = _plane_words(qw_ptr, t, 0, R, offs_n, mask_n, N)
     main_b = main_a
     if WIDTH == 8:  # 32 rows per block: a second half
-        main_b = _plane_words(qw_ptr, t, 1, WIDTH, offs_n, mask_n, N)
+        main_b = _plane_words(qw_ptr, t, 1, R, offs_n, mask_n, N)
     hi = main_a
     if BITS == 3:
-        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 1, offs_n, mask_n, N)
+        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 4, offs_n, mask_n, N)
     return main_a, main_b, hi
 
 
@@ -111,9 +112,10 @@ def _chunk_main(main_a, main_b, c: tl.constexpr, WIDTH: tl.constexpr):
 def _chunk_codes(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr):
     """Codes (16, BLOCK_N) of chunk c of the tile from :func:`_tile_words`' words."""
     WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
-    q = _plane_codes(_chunk_main(main_a, main_b, c, WIDTH), c, WIDTH)
+    R: tl.constexpr = 16 if BITS == 2 else 4 * WIDTH  # word rows per block (layout.plane_rows)
+    q = _plane_codes(_chunk_main(main_a, main_b, c, WIDTH), c, WIDTH, R)
     if BITS == 3:
-        q = q | (_plane_codes(hi, c, 1) << 2)
+        q = q | (_plane_codes(hi, c, 1, 4) << 2)
     return q
 
 
@@ -139,21 +141,15 @@ def _pair_operand(words, SHIFT, mask2, magic2, DTYPE: tl.constexpr):
     """Inline PTX (CUDA only): DTYPE values MAGIC + ((words >> SHIFT) & mask), as
     :func:`_magic_operand` of :func:`_plane_codes`, two elements per asm block.
 
-    SHIFT is an int (one shift for every element: the halves holding it are packed into one register
-    first (prmt), then shifted once) or an int32 tensor (each word shifted by its own amount, then the
-    low halves packed). Then ``& mask | magic`` on both halves at once (lop3, LUT 0xEA = (a & b) | c).
-    Element-wise whichever two elements Triton packs together; mask2 / magic2 hold the mask / the
-    magic's bits in both 16-bit halves; constant operands fold into immediates."""
-    if isinstance(SHIFT, tl.constexpr) or isinstance(SHIFT, int):
-        asm: tl.constexpr = "{ .reg .b32 t; prmt.b32 t, $1, $2, $3; shr.b32 t, t, $5; lop3.b32 $0, t, $7, $9, 0xea; }"
-        sel = tl.full(words.shape, 0x5410 if SHIFT < 16 else 0x7632, tl.int32)
-        args = [words, sel, tl.full(words.shape, SHIFT % 16, tl.int32), mask2, magic2]
-        cons: tl.constexpr = "=r,r,r,r,r,r,r,r,r,r,r"
-    else:
-        asm: tl.constexpr = ("{ .reg .b32 u, v, t; shr.b32 u, $1, $3; shr.b32 v, $2, $4; prmt.b32 t, u, v, 0x5410; "
-                             "lop3.b32 $0, t, $5, $7, 0xea; }")
-        args = [words, SHIFT, mask2, magic2]
-        cons: tl.constexpr = "=r,r,r,r,r,r,r,r,r"
+    SHIFT is one constant for every element (the code never straddles a 16-bit half): the halves
+    holding it are packed into one register first (prmt), shifted once, then ``& mask | magic`` on
+    both halves at once (lop3, LUT 0xEA = (a & b) | c). Element-wise whichever two elements Triton
+    packs together; mask2 / magic2 hold the mask / the magic's bits in both 16-bit halves;
+    constant operands fold into immediates."""
+    asm: tl.constexpr = "{ .reg .b32 t; prmt.b32 t, $1, $2, $3; shr.b32 t, t, $5; lop3.b32 $0, t, $7, $9, 0xea; }"
+    sel = tl.full(words.shape, 0x5410 if SHIFT < 16 else 0x7632, tl.int32)
+    args = [words, sel, tl.full(words.shape, SHIFT % 16, tl.int32), mask2, magic2]
+    cons: tl.constexpr = "=r,r,r,r,r,r,r,r,r,r,r"
     if DTYPE == tl.float16:
         out = tl.inline_asm_elementwise(asm, cons, args, dtype=tl.float16, is_pure=True, pack=2)
     else:
@@ -164,19 +160,15 @@ def _pair_operand(words, SHIFT, mask2, magic2, DTYPE: tl.constexpr):
 @triton.jit
 def _chunk_operand(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
                    PTX: tl.constexpr):
-    """The scaled mode's dot operand MAGIC + q of chunk c: with PTX (2/4/8 bits, CUDA) extracted two
-    codes at a time by :func:`_pair_operand` (constant shifts fold into immediates), else
-    :func:`_magic_operand` of :func:`_chunk_codes`."""
+    """The scaled mode's dot operand MAGIC + q of chunk c: with PTX (2/4/8 bits, CUDA; their blocks
+    have >= 16 rows, so one shift per chunk) extracted two codes at a time by :func:`_pair_operand`,
+    else :func:`_magic_operand` of :func:`_chunk_codes`."""
     if PTX and BITS != 3:
-        R: tl.constexpr = 4 * BITS
+        R: tl.constexpr = 16 if BITS == 2 else 4 * BITS  # word rows per block (layout.plane_rows)
         main = _chunk_main(main_a, main_b, c, BITS)
         mask2 = tl.full(main.shape, ((1 << BITS) - 1) * 65537, tl.int32)
         magic2 = tl.full(main.shape, (0x6400 if DTYPE == tl.float16 else 0x4300) * 65537, tl.int32)
-        if R >= 16:  # one shift for the chunk
-            out = _pair_operand(main, 16 * c // R * BITS, mask2, magic2, DTYPE)
-        else:  # 2 bits: rows repeat, each with its own shift
-            shifts = ((16 * c + tl.arange(0, 16)) // R * BITS)[:, None] + tl.zeros(main.shape, tl.int32)
-            out = _pair_operand(main, shifts, mask2, magic2, DTYPE)
+        out = _pair_operand(main, 16 * c // R * BITS, mask2, magic2, DTYPE)
     else:
         out = _magic_operand(_chunk_codes(main_a, main_b, hi, c, BITS), DTYPE)
     return out
@@ -222,11 +214,11 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                         GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
                         HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PTX: tl.constexpr,
                         EVEN_K: tl.constexpr):
-    """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); K % KT == 0.
+    """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); K % KT == 0 (layout.k_tile).
     ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y.
     PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`).
     EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk)."""
-    KT: tl.constexpr = 128  # K tile: one block of every plane
+    KT: tl.constexpr = 256 if BITS == 2 else 128  # K tile: one block of every plane (layout.k_tile)
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -297,12 +289,14 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
 
 @triton.jit
 def _gather_codes(qw_ptr, k0, KB: tl.constexpr, BITS: tl.constexpr, K, offs_n, mask_n, N):
-    """(KB, BLOCK_N) int32 codes of k = k0 + [0, KB) (KB divides 128, k0 a multiple of KB):
-    code k of a WIDTH-bit plane is in word row R (k // 128) + k % R at slot (k % 128) // R."""
+    """(KB, BLOCK_N) int32 codes of k = k0 + [0, KB) (KB divides 128, k0 a multiple of KB): code k
+    of a WIDTH-bit plane with R-row blocks of KBLK = 32 R / WIDTH k is in word row R (k // KBLK) + k % R
+    at slot (k % KBLK) // R."""
     WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
-    R: tl.constexpr = 4 * WIDTH
-    kk = k0 % 128 + tl.arange(0, KB)
-    rows = (k0 // 128) * R + kk % R
+    R: tl.constexpr = 16 if BITS == 2 else 4 * WIDTH  # word rows per block (layout.plane_rows)
+    KBLK: tl.constexpr = 32 * R // WIDTH
+    kk = k0 % KBLK + tl.arange(0, KB)
+    rows = (k0 // KBLK) * R + kk % R
     words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
     q = (words >> ((kk // R) * WIDTH)[:, None]) & ((1 << WIDTH) - 1)
     if BITS == 3:  # the 1-bit plane (4 rows per block) after the 2-bit plane's K / 16 rows
@@ -349,14 +343,15 @@ def dashq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
 def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS).
-    grid = (K / 128, N tiles)."""
+    grid = (K / KT, N tiles), KT = layout.k_tile(BITS)."""
+    KT: tl.constexpr = 256 if BITS == 2 else 128
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     main_a, main_b, hi = _tile_words(qw_ptr, t, BITS, K, offs_n, mask_n, N)
-    for c in tl.static_range(8):
+    for c in tl.static_range(KT // 16):
         q = _chunk_codes(main_a, main_b, hi, c, BITS)
-        k = t * 128 + c * 16
+        k = t * KT + c * 16
         s = _group_row(s_ptr, k, GROUP, offs_n, mask_n, N)
         z = _group_row(z_ptr, k, GROUP, offs_n, mask_n, N)
         w = (_exact_float(q) * s + z).to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
@@ -370,7 +365,7 @@ def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, 
 def dequantize_dense(qweight, scales, szeros, bits: int, group_size: int, n: int, k: int, dtype, block_n=128):
     """Dense (k, n) weight in ``dtype`` from the kernel layout (one Triton pass)."""
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
-    dashq_dequant_kernel[(k // 128, triton.cdiv(n, block_n))](qweight, scales, szeros, w, n, k, BITS=bits,
+    dashq_dequant_kernel[(k // k_tile(bits), triton.cdiv(n, block_n))](qweight, scales, szeros, w, n, k, BITS=bits,
                                                               GROUP=group_size, BLOCK_N=block_n, num_warps=4)
     return w
 
