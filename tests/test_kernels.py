@@ -314,3 +314,34 @@ def test_heuristic_gemv_picks(bits, group):
     assert small.kind == "gemv" and small.split_k >= 1 and small.block_n in (64, 128)
     four = C.heuristic_config(1, 6144, 4096, 4, 128, sms=132)
     assert (four.kind, four.block_n, four.split_k) == ("scaled", 128, 16)
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32 (default mode): byte i of the result is byte (sel >> 4 i) & 7 of {b, a}."""
+    pool = (a & 0xFFFFFFFF) | (b & 0xFFFFFFFF) << 32
+    return sum(((pool >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pair_unpack_asm_emulated(bits):
+    """The arithmetic of _pair_operand's asm (prmt, shr, lop3 0xEA), emulated bit by bit for every
+    chunk shift the scaled mode uses at this width on the committed layout (16 * c // R * bits):
+    each 16-bit half of the result is MAGIC | ((word >> shift) & mask) of its own word, for any
+    two words paired. (Triton's pairing and the PTX itself are checked on a GPU: bench_kernels.py
+    check; the sm_90 compile test checks ptxas accepts it.)"""
+    from dashq_vllm.kernels.layout import k_tile, plane_rows
+
+    rows = plane_rows(bits, bits)
+    assert rows >= 16  # one shift per 16-k chunk: what the one-shift asm form requires
+    mask, g = (1 << bits) - 1, torch.Generator().manual_seed(bits)
+    for magic in (0x6400, 0x4300):  # fp16 1024, bf16 128
+        for c in range(k_tile(bits) // 16):
+            shift = 16 * c // rows * bits
+            assert shift % 16 + bits <= 16  # a code never straddles a 16-bit half
+            sel = 0x5410 if shift < 16 else 0x7632
+            for a, b in torch.randint(-2**31, 2**31, (64, 2), generator=g).tolist():
+                t = _prmt(a, b, sel) >> (shift % 16)  # shr.b32: logical
+                out = (t & (mask * 0x10001)) | (magic * 0x10001)  # lop3 0xEA: (t & mask2) | magic2
+                want_lo = magic | (((a & 0xFFFFFFFF) >> shift) & mask)
+                want_hi = magic | (((b & 0xFFFFFFFF) >> shift) & mask)
+                assert (out & 0xFFFF, out >> 16) == (want_lo, want_hi), (c, shift, hex(a), hex(b))
