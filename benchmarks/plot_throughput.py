@@ -40,8 +40,9 @@ def plot(json_path: str | Path, png_path: str | Path) -> None:
     ax2.set_ylabel(f"speed-up over {ref}")
     s = doc.get("settings", {})
     real = any(res.get("config", {}).get("model_dir") for res in doc["results"].values() if isinstance(res, dict))
-    knobs = ", ".join(f"{k}={v}" for k, v in sorted(env.get("dashq_settings", {}).items()) if k != "DASHQ_KERNEL_CONFIGS")
-    tuned = " + tuned table" if env.get("dashq_settings", {}).get("DASHQ_KERNEL_CONFIGS") else ""
+    settings = env.get("dashq_settings", {})
+    knobs = ", ".join(f"{k}={v}" for k, v in sorted(settings.items()) if k != "DASHQ_KERNEL_CONFIGS")
+    tuned = " + tuned table" if settings.get("DASHQ_KERNEL_CONFIGS") else ""
     fig.suptitle(f"vLLM {env.get('vllm')} offline generate, {doc.get('shape')} "
                  f"({'real checkpoints' if real else 'dummy weights'}{', ' + knobs if knobs else ''}{tuned}), "
                  f"{s.get('input_len')} in / {s.get('output_len')} out, {env.get('gpu')}", fontsize=10)

@@ -39,8 +39,10 @@ from .layout import k_tile
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # KERNELS.md v6: the scaled mode extracts codes two at a time with inline PTX (checked on an H200
-# against float64; 4-bit decode GEMMs 7-15% faster, 2-bit M = 16 13-21%). On by default on NVIDIA
-# GPUs; DASHQ_PTX_UNPACK=0 turns it off. Never on ROCm, CPU tensors or the interpreter.
+# against float64; 4-bit decode GEMMs 7-15% faster). On by default on NVIDIA GPUs; DASHQ_PTX_UNPACK=0
+# turns it off. Never on ROCm, CPU tensors or the interpreter. Since v7 2 bits uses the same
+# one-shift form as 4 bits (16-row blocks); that form has been emulated on the CPU, not yet run at
+# 2 bits on a GPU (KERNELS.md v7).
 PTX_UNPACK = os.environ.get("DASHQ_PTX_UNPACK", "1") != "0"
 _PTX_PLATFORM = torch.version.hip is None  # inline PTX is NVIDIA only
 MODES = {"dot": 0, "scaled": 1, "gemv": 2}  # and "wide" (dashq_gemm_kernel), "dequant" (+ cuBLAS)
@@ -365,8 +367,9 @@ def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, 
 def dequantize_dense(qweight, scales, szeros, bits: int, group_size: int, n: int, k: int, dtype, block_n=128):
     """Dense (k, n) weight in ``dtype`` from the kernel layout (one Triton pass)."""
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
-    dashq_dequant_kernel[(k // k_tile(bits), triton.cdiv(n, block_n))](qweight, scales, szeros, w, n, k, BITS=bits,
-                                                              GROUP=group_size, BLOCK_N=block_n, num_warps=4)
+    grid = (k // k_tile(bits), triton.cdiv(n, block_n))
+    dashq_dequant_kernel[grid](qweight, scales, szeros, w, n, k, BITS=bits, GROUP=group_size, BLOCK_N=block_n,
+                               num_warps=4)
     return w
 
 
