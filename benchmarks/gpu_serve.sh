@@ -162,18 +162,24 @@ case "$step" in
     grep -h "FAIL\|graph M=1" /tmp/results/kptx/*.log | tail -n 30; true ;;
   kernels-ab)  # the kernels at HEAD checked (every bits x group x dtype x path), then timed at M=1/16
                # against older kernels: AB_REV=<git revision> takes kernels/{layout,configs,triton_kernels}.py
-               # from it (e.g. AB_REV=7bd99a2: v6, before rows16), else the file AB_OLD replaces
-               # triton_kernels.py (default .gpuq/diag/triton_kernels_old.py)
+               # from it (e.g. AB_REV=7bd99a2: v6, before rows16) when the machine's copy has the history;
+               # else AB_OLD_DIR (default .gpuq/diag/kernels_old, carried) holds those three files, e.g.
+               # `mkdir -p .gpuq/diag/kernels_old && for f in layout configs triton_kernels; do
+               #  git show 7bd99a2:kernels/$f.py > .gpuq/diag/kernels_old/$f.py; done` here first
     mkdir -p /tmp/results/kab
     if [ ! -d /tmp/dashq-site-old ]; then  # built aside and moved in only when complete
       rm -rf /tmp/repo-old /tmp/dashq-site-old.tmp && mkdir /tmp/repo-old && (cd "$REPO" && tar cf - --exclude=./.gpu --exclude=./.gpuq --exclude=./.venv .) | tar xf - -C /tmp/repo-old
-      if [ -n "${AB_REV:-}" ]; then
-        for f in layout.py configs.py triton_kernels.py; do
-          git -C "$REPO" show "$AB_REV:kernels/$f" > /tmp/repo-old/kernels/$f || exit 1
-        done
-      else
-        cp "${AB_OLD:-$REPO/.gpuq/diag/triton_kernels_old.py}" /tmp/repo-old/kernels/triton_kernels.py || exit 1
-      fi
+      old_dir=${AB_OLD_DIR:-$REPO/.gpuq/diag/kernels_old}
+      for f in layout.py configs.py triton_kernels.py; do
+        if [ -n "${AB_REV:-}" ] && git -C "$REPO" cat-file -e "$AB_REV:kernels/$f" 2>/dev/null; then
+          git -C "$REPO" show "$AB_REV:kernels/$f" > /tmp/repo-old/kernels/$f
+        elif [ -f "$old_dir/$f" ]; then
+          cp "$old_dir/$f" /tmp/repo-old/kernels/$f
+        else
+          echo "kernels-ab: no old kernels/$f (AB_REV=${AB_REV:-unset} not in this copy's history, $old_dir/$f missing)"
+          rm -rf /tmp/repo-old; exit 1
+        fi
+      done
       python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/dashq-site-old.tmp /tmp/repo-old >/dev/null || exit 1
       mv /tmp/dashq-site-old.tmp /tmp/dashq-site-old
     fi
