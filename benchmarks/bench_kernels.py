@@ -54,6 +54,40 @@ def parse_bit_configs(text: str) -> list[tuple[int, int]]:
     return out
 
 
+# vLLM's merged layers in the Llama / Qwen / Mistral families (packed_modules_mapping), and the
+# row-parallel ones (K split under tensor parallelism)
+MERGED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+ROW_PARALLEL = {"o_proj", "down_proj"}
+
+
+def shapes_from_checkpoint(model_dir, tp: int = 1) -> list[tuple[int, int, str, int, int]]:
+    """The distinct (K, N, name, bits, group) the kernels see when vLLM serves a DASH-Q checkpoint
+    on ``tp`` GPUs: q/k/v and gate/up merged (the widest bits, the smallest group of the parts),
+    column-parallel N and row-parallel K divided by ``tp``, K padded as the loader does."""
+    from dashq_vllm.format import load_dashq_config
+
+    cfg = load_dashq_config(model_dir)
+    layers: dict[tuple[str, str], list] = {}
+    for name, spec in cfg.modules.items():
+        parent, _, leaf = name.rpartition(".")
+        layers.setdefault((parent, MERGED.get(leaf, leaf)), []).append(spec)
+    out = set()
+    for (_, layer), specs in layers.items():
+        bits, group = max(sp.nbits for sp in specs), min(sp.group_size for sp in specs)
+        k_in, n = specs[0].in_features, sum(sp.out_features for sp in specs)
+        if layer in ROW_PARALLEL:
+            if k_in % (tp * group):
+                raise ValueError(f"{layer}: {k_in} input features cannot be split into {tp} whole groups of {group}")
+            k_real = k_in // tp
+        else:
+            if n % tp:
+                raise ValueError(f"{layer}: {n} outputs cannot be split over {tp} GPUs")
+            k_real, n = -(-k_in // group) * group, n // tp
+        out.add((K.padded_k(k_real, bits), n, layer, bits, group))
+    return sorted(out, key=lambda t: (t[3], t[4], t[2], t[0], t[1]))
+
+
 def import_kernels():
     """dashq_vllm.kernels, also where the project is not pip-installed (the GPU machine)."""
     sys.path.insert(0, str(ROOT))
@@ -676,6 +710,10 @@ def main():
     ap.add_argument("--sweep-shapes", default="gate_up,down,o")
     ap.add_argument("--sweep-bits", default="", help="BITS:GROUP,... to sweep (default: the benchmark's "
                     + ",".join(f"{b}:{g}" for b, g in BIT_CONFIGS) + ")")
+    ap.add_argument("--sweep-from", metavar="CKPT",
+                    help="sweep the layer shapes and bit widths of this DASH-Q checkpoint (instead of "
+                         "--sweep-shapes/--sweep-bits), as vLLM merges and shards them")
+    ap.add_argument("--sweep-tp", type=int, default=1, help="with --sweep-from: tensor parallel size (default 1)")
     ap.add_argument("--sweep-budget-s", type=float, default=240)
     ap.add_argument("--sweep-keep-buckets", default="", help="merge only these M buckets into the committed table")
     ap.add_argument("--refine", action="store_true", help="decode sweep: register caps around committed picks")
@@ -692,6 +730,17 @@ def main():
         run_single("cuda", shape, int(bits), int(group), int(m))
         return
     sections = set(args.sections.split(","))
+    if args.sweep_from:  # a bad checkpoint or TP size fails here, before any GPU work
+        try:
+            found = shapes_from_checkpoint(args.sweep_from, args.sweep_tp)
+        except Exception as e:  # FormatError, OSError, ValueError: one line, exit status 2
+            print(f"error: --sweep-from {args.sweep_from}: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"sweeping {len(found)} layer shapes of {args.sweep_from} (tp={args.sweep_tp}): "
+              + ", ".join(f"{name} {k}x{n} {b}b g{g}" for k, n, name, b, g in found), flush=True)
+    if not torch.cuda.is_available():
+        print("error: bench_kernels.py needs a CUDA GPU (only --plot runs without one)", file=sys.stderr)
+        sys.exit(2)
     global REFINE, WIDE_ONLY
     REFINE, WIDE_ONLY = args.refine, args.wide
     out = Path(args.out)
@@ -715,14 +764,24 @@ def main():
         if "ablation" in sections:
             res["ablation"] = run_ablation(dev, res["info"])
         if "sweep" in sections:
-            wanted = args.sweep_shapes.split(",")
-            known = {s[2]: s for s in SHAPES + SWEEP_EXTRA}
-            unknown = [w for w in wanted if w not in known]
-            if unknown:
-                raise ValueError(f"--sweep-shapes: unknown {unknown}; known: {sorted(known)}")
-            sw_shapes = [known[w] for w in wanted]
-            table, rows = run_sweep(dev, res["info"], [int(m) for m in args.sweep_m.split(",")],
-                                    parse_bit_configs(args.sweep_bits), sw_shapes, args.sweep_budget_s)
+            sweep_m = [int(m) for m in args.sweep_m.split(",")]
+            if args.sweep_from:  # the checkpoint's own layer shapes and bit widths
+                table, rows = {}, []
+                for bits, group in sorted({(b, g) for _, _, _, b, g in found}):
+                    part = [(k, n, name) for k, n, name, b, g in found if (b, g) == (bits, group)]
+                    t_part, r_part = run_sweep(dev, res["info"], sweep_m, [(bits, group)], part,
+                                               args.sweep_budget_s)
+                    table.update(t_part)
+                    rows += r_part
+            else:
+                wanted = args.sweep_shapes.split(",")
+                known = {s[2]: s for s in SHAPES + SWEEP_EXTRA}
+                unknown = [w for w in wanted if w not in known]
+                if unknown:
+                    raise ValueError(f"--sweep-shapes: unknown {unknown}; known: {sorted(known)}")
+                sw_shapes = [known[w] for w in wanted]
+                table, rows = run_sweep(dev, res["info"], sweep_m, parse_bit_configs(args.sweep_bits), sw_shapes,
+                                        args.sweep_budget_s)
             res["sweep"] = rows
             if args.sweep_keep_buckets:  # merge into the committed table, only these M buckets
                 keep = {int(b) for b in args.sweep_keep_buckets.split(",")}

@@ -456,6 +456,55 @@ def test_bench_kernels_sweep_bits():
     assert all(k % 256 == 0 for k, _, _ in B.SHAPES + B.SWEEP_EXTRA)  # no padding at any width (k_tile <= 256)
 
 
+def _llama_like_config(path: Path, bits_of=lambda layer, leaf: 2, group: int = 64) -> Path:
+    """dashq_config.json alone for a 2-layer Llama-3-8B-shaped model (what --sweep-from reads)."""
+    from dashq_vllm import format as fmt
+
+    dims = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
+            "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+    modules = {}
+    for layer in range(2):
+        for leaf, (k_in, n) in dims.items():
+            part = "self_attn" if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            modules[f"model.layers.{layer}.{part}.{leaf}"] = fmt.ModuleSpec.create(k_in, n, bits_of(layer, leaf), group)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / fmt.CONFIG_FILENAME).write_text(json.dumps(fmt.DashQConfig(modules, base_model="test").to_dict()))
+    return path
+
+
+def test_bench_kernels_sweep_from_checkpoint(work):
+    """--sweep-from: the layer shapes vLLM gives the kernels for a checkpoint (q/k/v and gate/up
+    merged at the widest bits, TP splitting column-parallel N and row-parallel K), bad input as
+    one error line with exit status 2 before any GPU work."""
+    from dashq_vllm.benchmarks import bench_kernels as B
+
+    ckpt = _llama_like_config(work / "sweep-from")
+    assert set(B.shapes_from_checkpoint(ckpt)) == {(4096, 4096, "o_proj", 2, 64), (4096, 6144, "qkv_proj", 2, 64),
+                                                   (4096, 28672, "gate_up_proj", 2, 64),
+                                                   (14336, 4096, "down_proj", 2, 64)}
+    assert set(B.shapes_from_checkpoint(ckpt, tp=2)) == {(2048, 4096, "o_proj", 2, 64),
+                                                         (4096, 3072, "qkv_proj", 2, 64),
+                                                         (4096, 14336, "gate_up_proj", 2, 64),
+                                                         (7168, 4096, "down_proj", 2, 64)}
+    # mixed precision: layer 1's q_proj at 4 bits makes that layer's qkv a 4-bit layer
+    mixed = _llama_like_config(work / "sweep-mixed", lambda layer, leaf: 4 if (layer, leaf) == (1, "q_proj") else 2)
+    assert (4096, 6144, "qkv_proj", 4, 64) in B.shapes_from_checkpoint(mixed)
+    assert (4096, 6144, "qkv_proj", 2, 64) in B.shapes_from_checkpoint(mixed)
+    with pytest.raises(ValueError, match="whole groups"):
+        B.shapes_from_checkpoint(ckpt, tp=128)  # 4096 / 128 = 32 < one group of 64
+    proc = subprocess.run([PY, "benchmarks/bench_kernels.py", "--sections", "info,sweep", "--out", str(work / "k"),
+                           "--sweep-from", str(work / "missing")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --sweep-from"), proc.stderr[-500:]
+    import torch
+
+    if not torch.cuda.is_available():  # the shapes are printed, then the GPU is asked for
+        proc = subprocess.run([PY, "benchmarks/bench_kernels.py", "--sections", "info,sweep", "--out",
+                               str(work / "k"), "--sweep-from", str(ckpt)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and "qkv_proj 4096x6144 2b g64" in proc.stdout, proc.stdout + proc.stderr
+        assert "needs a CUDA GPU" in proc.stderr
+
+
 def test_bench_kernels_plot(work):
     """The one part of bench_kernels.py that runs without a GPU: plotting a results JSON (a committed one)."""
     results = sorted((p for p in (ROOT / "benchmarks" / "results").glob("kernels*.json")
