@@ -5,7 +5,7 @@
 #   cat .gpu/p*/vllm.part* > /tmp/v.whl && rm -rf .gpu/p[0-9] && split -b 52M -d -a 1 /tmp/v.whl .gpu/vllm.part \
 #     && i=1 && for f in .gpu/vllm.part*; do mkdir .gpu/p$i && mv $f .gpu/p$i/; i=$((i+1)); done
 # The models come from `python -m dashq_vllm.benchmarks.gpu_stage --model MODEL` (.gpuq/MODEL/NN:
-# SmolLM2 3 folders, Qwen 20; the last holds the gguf wheel, the sha256 and every data asset).
+# SmolLM2 3 folders, Qwen 21; the last holds the gguf wheel, the sha256 and every data asset).
 # Back-to-back calls, machine warm (/tmp survives while it is; the machine goes back after 30 s idle; a
 # staging call takes ~4-5 s when issued back to back: on 2026-12-02 21 folders took 105 s):
 #   stage:  mkdir -p /tmp/stage && cp -r .gpu/pN/. /tmp/stage/            (carry .gpu/pN, N=1..6)

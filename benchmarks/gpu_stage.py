@@ -6,7 +6,7 @@ assembly) and ``home/data`` with every data asset (calibration and evaluation te
 tasks, MT-Bench questions), which the GPU scripts copy to their ``$DASHQ_HOME``. The GGUF comes
 from the model's pinned wheels (sha256 checked).
 
-    python -m dashq_vllm.benchmarks.gpu_stage --model qwen2.5-coder-1.5b   # 20 folders
+    python -m dashq_vllm.benchmarks.gpu_stage --model qwen2.5-coder-1.5b   # 21 folders
     python -m dashq_vllm.benchmarks.gpu_stage --model smollm2-135m         # 3 folders
 
 Then, back to back (the machine goes back after 30 s idle), for NN = 01 .. the last:
@@ -29,6 +29,7 @@ from pathlib import Path
 from dashq_vllm.quantize import assets
 
 LIMIT = 64 << 20  # bytes a device call may carry, the checkout included
+MARGIN = 2 << 20  # the device tool counts more than git's files: on 2026-12-02 it refused 63.8 MiB by this count
 DONE = ".complete"
 
 
@@ -117,7 +118,7 @@ def stage(name: str, out: Path, chunk_mib: int) -> list[Path]:
     travels = checkout_bytes()
     for d in dirs:
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        if size + travels > LIMIT:
+        if size + travels > LIMIT - MARGIN:
             raise SystemExit(f"{d}: {size / 2**20:.1f} MiB and the checkout's {travels / 2**20:.1f} MiB are more "
                              "than a device call carries; use a smaller --chunk-mib")
     (out / DONE).write_text(f"{len(dirs)}\n")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-1.5b", choices=sorted(assets.MODELS))
     p.add_argument("--out", default=".gpuq", help="default %(default)s (keep it out of git)")
-    p.add_argument("--chunk-mib", type=int, default=57,
+    p.add_argument("--chunk-mib", type=int, default=54,
                    help="chunk size; the checkout travels too, within 64 MiB a call (default %(default)s)")
     opts = p.parse_args(argv)
     try:
