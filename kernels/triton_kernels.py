@@ -35,7 +35,11 @@ import triton
 import triton.language as tl
 
 from .configs import KernelConfig, fit_config, pick_config
-from .layout import k_tile
+from .layout import k_tile, plane_rows
+
+# the layout's own rule, evaluated at compile time inside the kernels (one owner: layout.py; Triton 3.6
+# accepts only functions that call no others, so the K tile is derived from it below)
+_plane_rows = triton.constexpr_function(plane_rows)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # KERNELS.md v6: the scaled mode extracts codes two at a time with inline PTX (checked on an H200
@@ -90,14 +94,14 @@ def _tile_words(qw_ptr, t, BITS: tl.constexpr, K, offs_n, mask_n, N):
     """Every plane word K tile t needs, loaded once: the main plane's (two halves at 8 bits) and,
     at 3 bits, the 1-bit plane stored after the 2-bit plane's K / 16 rows."""
     WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
-    R: tl.constexpr = 16 if BITS == 2 else 4 * WIDTH  # word rows per block (layout.plane_rows)
+    R: tl.constexpr = _plane_rows(BITS, WIDTH)
     main_a = _plane_words(qw_ptr, t, 0, R, offs_n, mask_n, N)
     main_b = main_a
     if WIDTH == 8:  # 32 rows per block: a second half
         main_b = _plane_words(qw_ptr, t, 1, R, offs_n, mask_n, N)
     hi = main_a
     if BITS == 3:
-        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 4, offs_n, mask_n, N)
+        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, _plane_rows(BITS, 1), offs_n, mask_n, N)
     return main_a, main_b, hi
 
 
@@ -114,10 +118,10 @@ def _chunk_main(main_a, main_b, c: tl.constexpr, WIDTH: tl.constexpr):
 def _chunk_codes(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr):
     """Codes (16, BLOCK_N) of chunk c of the tile from :func:`_tile_words`' words."""
     WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
-    R: tl.constexpr = 16 if BITS == 2 else 4 * WIDTH  # word rows per block (layout.plane_rows)
+    R: tl.constexpr = _plane_rows(BITS, WIDTH)
     q = _plane_codes(_chunk_main(main_a, main_b, c, WIDTH), c, WIDTH, R)
     if BITS == 3:
-        q = q | (_plane_codes(hi, c, 1, 4) << 2)
+        q = q | (_plane_codes(hi, c, 1, _plane_rows(BITS, 1)) << 2)
     return q
 
 
@@ -166,7 +170,7 @@ def _chunk_operand(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr, DTYP
     have >= 16 rows, so one shift per chunk) extracted two codes at a time by :func:`_pair_operand`,
     else :func:`_magic_operand` of :func:`_chunk_codes`."""
     if PTX and BITS != 3:
-        R: tl.constexpr = 16 if BITS == 2 else 4 * BITS  # word rows per block (layout.plane_rows)
+        R: tl.constexpr = _plane_rows(BITS, BITS)
         main = _chunk_main(main_a, main_b, c, BITS)
         mask2 = tl.full(main.shape, ((1 << BITS) - 1) * 65537, tl.int32)
         magic2 = tl.full(main.shape, (0x6400 if DTYPE == tl.float16 else 0x4300) * 65537, tl.int32)
@@ -220,7 +224,8 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
     ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y.
     PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`).
     EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk)."""
-    KT: tl.constexpr = 256 if BITS == 2 else 128  # K tile: one block of every plane (layout.k_tile)
+    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
+    KT: tl.constexpr = 32 * _plane_rows(BITS, WIDTH) // WIDTH  # K tile: one block of every plane (layout.k_tile)
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -291,21 +296,23 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
 
 @triton.jit
 def _gather_codes(qw_ptr, k0, KB: tl.constexpr, BITS: tl.constexpr, K, offs_n, mask_n, N):
-    """(KB, BLOCK_N) int32 codes of k = k0 + [0, KB) (KB divides 128, k0 a multiple of KB): code k
-    of a WIDTH-bit plane with R-row blocks of KBLK = 32 R / WIDTH k is in word row R (k // KBLK) + k % R
-    at slot (k % KBLK) // R."""
+    """(KB, BLOCK_N) int32 codes of k = k0 + [0, KB) (KB divides 128, k0 a multiple of KB)."""
     WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
-    R: tl.constexpr = 16 if BITS == 2 else 4 * WIDTH  # word rows per block (layout.plane_rows)
+    q = _gather_plane(qw_ptr, k0, KB, WIDTH, _plane_rows(BITS, WIDTH), offs_n, mask_n, N)
+    if BITS == 3:  # the 1-bit plane after the 2-bit plane's K / 16 rows
+        q = q | (_gather_plane(qw_ptr + (K // 16) * N, k0, KB, 1, _plane_rows(BITS, 1), offs_n, mask_n, N) << 2)
+    return q
+
+
+@triton.jit
+def _gather_plane(ptr, k0, KB: tl.constexpr, WIDTH: tl.constexpr, R: tl.constexpr, offs_n, mask_n, N):
+    """(KB, BLOCK_N) codes of k = k0 + [0, KB) of a WIDTH-bit plane with R-row blocks of KBLK = 32 R /
+    WIDTH k: code k is in word row R (k // KBLK) + k % R at slot (k % KBLK) // R."""
     KBLK: tl.constexpr = 32 * R // WIDTH
     kk = k0 % KBLK + tl.arange(0, KB)
     rows = (k0 // KBLK) * R + kk % R
-    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-    q = (words >> ((kk // R) * WIDTH)[:, None]) & ((1 << WIDTH) - 1)
-    if BITS == 3:  # the 1-bit plane (4 rows per block) after the 2-bit plane's K / 16 rows
-        rows1 = (k0 // 128) * 4 + kk % 4
-        hi = tl.load(qw_ptr + (K // 16 + rows1)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        q = q | (((hi >> (kk // 4)[:, None]) & 1) << 2)
-    return q
+    words = tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    return (words >> ((kk // R) * WIDTH)[:, None]) & ((1 << WIDTH) - 1)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -346,7 +353,8 @@ def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, 
                          BLOCK_N: tl.constexpr):
     """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS).
     grid = (K / KT, N tiles), KT = layout.k_tile(BITS)."""
-    KT: tl.constexpr = 256 if BITS == 2 else 128
+    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
+    KT: tl.constexpr = 32 * _plane_rows(BITS, WIDTH) // WIDTH  # one block of every plane (layout.k_tile)
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
