@@ -76,14 +76,15 @@ def shapes_from_checkpoint(model_dir, tp: int = 1) -> list[tuple[int, int, str, 
     for (_, layer), specs in layers.items():
         bits, group = max(sp.nbits for sp in specs), min(sp.group_size for sp in specs)
         k_in, n = specs[0].in_features, sum(sp.out_features for sp in specs)
-        if layer in ROW_PARALLEL:
+        k_real = -(-k_in // group) * group  # unsplit K: whole groups, as the loader pads it
+        if layer in ROW_PARALLEL and tp > 1:
             if k_in % (tp * group):
                 raise ValueError(f"{layer}: {k_in} input features cannot be split into {tp} whole groups of {group}")
             k_real = k_in // tp
-        else:
+        elif layer not in ROW_PARALLEL:
             if n % tp:
                 raise ValueError(f"{layer}: {n} outputs cannot be split over {tp} GPUs")
-            k_real, n = -(-k_in // group) * group, n // tp
+            n //= tp
         out.add((K.padded_k(k_real, bits), n, layer, bits, group))
     return sorted(out, key=lambda t: (t[3], t[4], t[2], t[0], t[1]))
 

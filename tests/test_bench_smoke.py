@@ -492,6 +492,16 @@ def test_bench_kernels_sweep_from_checkpoint(work):
     assert (4096, 6144, "qkv_proj", 2, 64) in B.shapes_from_checkpoint(mixed)
     with pytest.raises(ValueError, match="whole groups"):
         B.shapes_from_checkpoint(ckpt, tp=128)  # 4096 / 128 = 32 < one group of 64
+    # unsplit, a K that is not whole groups is padded as the loader does (SmolLM2's 576 at g128)
+    odd = _llama_like_config(work / "sweep-odd", group=128)
+    cfg = json.loads((odd / "dashq_config.json").read_text())
+    for meta in cfg["quantized_modules"].values():
+        if meta["in_features"] == 4096:
+            meta.update(in_features=4000, quant_in_features=4096)
+    (odd / "dashq_config.json").write_text(json.dumps(cfg))
+    assert (4096, 4096, "o_proj", 2, 128) in B.shapes_from_checkpoint(odd)
+    with pytest.raises(ValueError, match="whole groups"):
+        B.shapes_from_checkpoint(odd, tp=2)
     proc = subprocess.run([PY, "benchmarks/bench_kernels.py", "--sections", "info,sweep", "--out", str(work / "k"),
                            "--sweep-from", str(work / "missing")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --sweep-from"), proc.stderr[-500:]
