@@ -90,13 +90,17 @@ def shapes_from_checkpoint(model_dir, tp: int = 1) -> list[tuple[int, int, str, 
 
 
 def import_kernels():
-    """dashq_vllm.kernels, also where the project is not pip-installed (the GPU machine)."""
-    sys.path.insert(0, str(ROOT))
+    """dashq_vllm.kernels as installed (on the GPU machine: whichever site is first on PYTHONPATH,
+    so kernels-ab's old site really is the old code), else this checkout's own kernels/. The checkout
+    must not be put in front: its dashq_vllm/ lacks the mapped subpackages, so the import would fall
+    through to the checkout's kernels/ whatever is installed (kernels-ab timed the new code twice on
+    2026-12-02 because of that)."""
     try:
         import dashq_vllm.kernels as K
 
         return K
     except ImportError:
+        sys.path.insert(0, str(ROOT))
         spec = importlib.util.spec_from_file_location("dashq_vllm.kernels", ROOT / "kernels" / "__init__.py",
                                                       submodule_search_locations=[str(ROOT / "kernels")])
         mod = importlib.util.module_from_spec(spec)
@@ -272,12 +276,12 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
 CHECK_N, CHECK_K, CHECK_KX = 1000, 2048, 2041  # N, x's width not multiples of 16; K padded
 
 
-def check_plan(quick=False):
+def check_plan(quick=False, bits_list=(2, 3, 4, 8)):
     """(bits, group, dtype, has_bias, [(name, m, cfg)]): the default decode (M=1, 16) and GEMM
-    (M=300) paths for every bits x group x dtype; every variant for bits 2-4 x group 64/128.
-    quick: groups 32 and 128, variants at 4 bits g128 only."""
+    (M=300) paths for every bits (of bits_list) x group x dtype; every variant for bits 2-4 x group
+    64/128. quick: groups 32 and 128, variants at 4 bits g128 only."""
     n, k = CHECK_N, CHECK_K
-    for bits in (2, 3, 4, 8):
+    for bits in bits_list:
         for group in ((32, 128) if quick else (32, 64, 128)):
             for dt in (torch.float16, torch.bfloat16):
                 has_bias = (bits % 2 == 0) == (dt == torch.float16)
@@ -292,11 +296,11 @@ def check_plan(quick=False):
                 yield bits, group, dt, has_bias, cases
 
 
-def run_checks(dev, quick=False):
+def run_checks(dev, quick=False, bits_list=(2, 3, 4, 8)):
     """check_plan() on fresh random data against float64; outputs NaN-poisoned."""
     from dashq_vllm.kernels.configs import fit_config
 
-    plan = list(check_plan(quick))
+    plan = list(check_plan(quick, bits_list))
     precompile([(b, g, dt, fit_config(cfg, CHECK_K, g, b, dt), hb, CHECK_N, CHECK_K, CHECK_KX)
                 for b, g, dt, hb, cases in plan for _, _, cfg in cases])
     results, n_bad = [], 0
@@ -587,13 +591,17 @@ def covered_buckets(m, m_list):
 def run_sweep(dev, info, m_list, bit_configs, shapes, budget_s):
     from dashq_vllm.kernels.configs import fit_config
 
-    precompile([(bits, group, torch.float16, fit_config(c, k, group, bits, torch.float16), False, n, k, k)
+    # K as the loader pads it at each width (e.g. Qwen's 8960 is 9216 at 3 bits), so the table's keys
+    # are the ones vLLM looks up
+    precompile([(bits, group, torch.float16, fit_config(c, K.padded_k(k, bits), group, bits, torch.float16), False,
+                 n, K.padded_k(k, bits), K.padded_k(k, bits))
                 for k, n, _ in shapes for bits, group in bit_configs for m in m_list
-                for c in sweep_candidates(m, n, k, bits, group, info["sms"])])
+                for c in sweep_candidates(m, n, K.padded_k(k, bits), bits, group, info["sms"])])
     table, rows = {}, []
     t_start = time.time()
-    for k, n, name in shapes:
+    for k_real, n, name in shapes:
         for bits, group in bit_configs:
+            k = K.padded_k(k_real, bits)
             W = Weights(k, n, bits, group, dev, info["l2_bytes"])
             for m in m_list:
                 best = None
@@ -706,6 +714,7 @@ def main():
     ap.add_argument("--sections", default="info,check,bench,graph")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and M values")
     ap.add_argument("--quick-check", action="store_true", help="fewer group sizes and variants in the check")
+    ap.add_argument("--check-bits", default="2,3,4,8", help="bit widths the check covers (e.g. 3 after a 3-bit change)")
     ap.add_argument("--sweep-m", default="1,16,64,1024,4096")
     ap.add_argument("--bench-m", default="", help="M values of the bench section (default: the issue's list)")
     ap.add_argument("--sweep-shapes", default="gate_up,down,o")
@@ -754,7 +763,7 @@ def main():
     try:
         res["info"] = measure_info(dev)
         if "check" in sections:
-            res["check"] = run_checks(dev, args.quick_check)
+            res["check"] = run_checks(dev, args.quick_check, [int(b) for b in args.check_bits.split(",")])
             log(f"[{time.time() - t0:.0f}s] checks done")
         m_list = [1, 16, 1024] if args.quick else M_LIST
         if args.bench_m:

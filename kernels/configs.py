@@ -72,19 +72,25 @@ def _split_k(n_tiles: int, k: int, tile: int, sms: int, min_k: int) -> int:
 
 
 SCALED_MIN_K = 256  # k per tensor-core decode program
-GEMV_MIN_K = 512  # k per "gemv" program (H200 sweep, KERNELS.md v6: 256-448 cost 1.5-2.1x at 2 bits)
+GEMV_MIN_K = 512  # k per M = 1 program at 2/3 bits (H200 sweep, KERNELS.md v6: 256-448 cost 1.5-2.1x at 2 bits)
 
 
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
                      block_n: int | None = None) -> KernelConfig:
     """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md):
-    M = 1: tensor-core "scaled" at 4/8 bits, CUDA-core GEMV at 2/3 bits; M <= 16: "scaled";
-    M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a dense temporary + cuBLAS.
-    Split-K fills the GPU (~4 programs per SM). A GEMV program keeps >= GEMV_MIN_K of K and,
-    unless block_n is given, narrows to 64 columns when 128-wide tiles cannot fill the GPU that way."""
+    M = 1: tensor-core "scaled" at 4/8 bits and at 2 bits with groups >= 64 (64-wide tiles; the
+    inline-PTX unpack on the v7 layout made it win, KERNELS.md v7), CUDA-core GEMV at 3 bits and
+    2-bit g32; M <= 16: "scaled"; M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a
+    dense temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM). An M = 1 program at 2/3
+    bits keeps >= GEMV_MIN_K of K; a GEMV one, unless block_n is given, narrows to 64 columns when
+    128-wide tiles cannot fill the GPU that way."""
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
         if m == 1 and bits in (2, 3):
+            if bits == 2 and group >= 64:
+                bn = block_n or 64
+                split = _split_k(-(-n // bn), k, tile, sms, GEMV_MIN_K)
+                return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
             bn = block_n or 128
             split = _split_k(-(-n // bn), k, tile, sms, GEMV_MIN_K)
             if block_n is None and -(-n // bn) * split < 4 * sms:

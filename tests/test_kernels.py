@@ -288,30 +288,39 @@ def test_committed_tuned_tables_load(path, monkeypatch):
             assert bucket == 1, (key, cfg)  # one row per program: M = 1 only
 
 
-# (K, N) of Llama-3-8B's and -70B's layers -> the M = 1 "gemv" (block_n, split_k) that timed best on
-# an H200 (benchmarks/results/kernels_v6_tune_h200.json; the H100 sweeps agree within 6%)
-GEMV_BEST_H200 = {(4096, 6144): (64, 8), (14336, 4096): (64, 16), (4096, 28672): (128, 4),
-                  (8192, 10240): (128, 8), (8192, 8192): (128, 16), (8192, 57344): (128, 2),
-                  (28672, 8192): (128, 16)}
+# (K, N) of Llama-3-8B's and -70B's layers -> the M = 1 (block_n, split_k) that timed best on an
+# H200: "gemv" at 3 bits g128 (benchmarks/results/kernels_v6_tune_h200.json; the H100 sweeps agree
+# within 6%), "scaled" at 2 bits g64 on the v7 layout (kernels_v7_tune_h200.json; gate_up's split 2
+# within 1% of split 1)
+M1_BEST_H200 = {
+    (3, 128): {(4096, 6144): (64, 8), (14336, 4096): (64, 16), (4096, 28672): (128, 4),
+               (8192, 10240): (128, 8), (8192, 8192): (128, 16), (8192, 57344): (128, 2),
+               (28672, 8192): (128, 16)},
+    (2, 64): {(4096, 6144): (64, 8), (4096, 4096): (64, 8), (14336, 4096): (64, 16), (4096, 28672): (64, 2),
+              (8192, 10240): (64, 4), (8192, 8192): (64, 8), (8192, 57344): (64, 1), (28672, 8192): (64, 8)},
+}
 
 
-@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128)])
-def test_heuristic_gemv_picks(bits, group):
-    """The heuristic's M = 1 GEMV configs at 2/3 bits: >= GEMV_MIN_K of K per program, 64-wide
-    tiles only when 128-wide ones cannot fill the GPU, and the picks measured best on the H200; an
-    explicit block_n is kept; decode at 4 bits and M = 16 keeps the scaled kind."""
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (2, 32)])
+def test_heuristic_m1_low_bit_picks(bits, group):
+    """The heuristic's M = 1 configs at 2/3 bits: >= GEMV_MIN_K of K per program; the tensor-core
+    scaled kind with 64-wide tiles at 2 bits g64, the GEMV at 3 bits and 2-bit g32 (64-wide only when
+    128-wide tiles cannot fill the GPU); the picks measured best on the H200; an explicit block_n is
+    kept; M = 16 and 4 bits keep the scaled kind."""
     from dashq_vllm.kernels import configs as C
 
-    for (k, n), best in GEMV_BEST_H200.items():
+    kind = "scaled" if (bits, group) == (2, 64) else "gemv"
+    for (k, n), best in M1_BEST_H200.get((bits, group), M1_BEST_H200[(3, 128)]).items():
         cfg = C.heuristic_config(1, n, k, bits, group, sms=132)
-        assert cfg.kind == "gemv" and cfg.block_m == 1, cfg
-        assert (cfg.block_n, cfg.split_k) == best, ((k, n), cfg)
+        assert cfg.kind == kind and cfg.block_m == (16 if kind == "scaled" else 1), cfg
+        if (bits, group) in M1_BEST_H200:
+            assert (cfg.block_n, cfg.split_k) == best, ((k, n), cfg)
         assert k // cfg.split_k >= C.GEMV_MIN_K or cfg.split_k == 1
         assert C.heuristic_config(1, n, k, bits, group, sms=132, block_n=128).block_n == 128
         assert C.heuristic_config(16, n, k, bits, group, sms=132).kind == "scaled"
     # a small layer (Qwen-1.5B's o_proj) still gets a legal config; 4 bits stays on the tensor cores
     small = C.heuristic_config(1, 1536, 1536, bits, group, sms=132)
-    assert small.kind == "gemv" and small.split_k >= 1 and small.block_n in (64, 128)
+    assert small.kind == kind and small.split_k >= 1 and small.block_n in (64, 128)
     four = C.heuristic_config(1, 6144, 4096, 4, 128, sms=132)
     assert (four.kind, four.block_n, four.split_k) == ("scaled", 128, 16)
 
