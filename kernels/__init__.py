@@ -11,7 +11,7 @@ Load time (once per linear)::
   ``dtype`` is the activation dtype (float16 or bfloat16). The result holds three tensors on
   ``device`` (``qweight`` int32 (k*bits/32, n); ``scales`` and ``szeros`` (k/group, n)) and the
   static ints ``bits, group_size, n, k`` (n = out_features, any value; k = the kernels' K:
-  quant_in_features padded up to a multiple of ``k_tile(bits)`` (256 at 2 bits, else 128),
+  quant_in_features padded up to a multiple of ``k_tile(bits)`` (256 at 2 bits, 512 at 3, else 128),
   ``padded_k``; the padding holds zero codes and zero scales). See ``kernels/layout.py`` for the
   layout. ``unrepack(kw, spec)`` is the inverse. Scales are kept in float16 when the checkpoint's
   are (exact), so one KernelWeights serves fp16 and bf16 activations alike.

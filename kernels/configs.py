@@ -71,31 +71,33 @@ def _split_k(n_tiles: int, k: int, tile: int, sms: int, min_k: int) -> int:
     return split
 
 
-SCALED_MIN_K = 256  # k per tensor-core decode program
-GEMV_MIN_K = 512  # k per M = 1 program at 2/3 bits (H200 sweep, KERNELS.md v6: 256-448 cost 1.5-2.1x at 2 bits)
+SCALED_MIN_K = 256  # k per tensor-core decode program at 4/8 bits
+# k per 2/3-bit decode program (H200 sweeps, KERNELS.md v6-v8: 256-448 cost 1.5-2.1x for the GEMV at
+# 2 bits; with 64-wide scaled tiles it is the best measured split or within 10% of it at M = 1-16)
+LOW_BIT_MIN_K = 512
 
 
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
                      block_n: int | None = None) -> KernelConfig:
-    """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md):
-    M = 1: tensor-core "scaled" at 4/8 bits and at 2 bits with groups >= 64 (64-wide tiles; the
-    inline-PTX unpack on the v7 layout made it win, KERNELS.md v7), CUDA-core GEMV at 3 bits and
-    2-bit g32; M <= 16: "scaled"; M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a
-    dense temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM). An M = 1 program at 2/3
-    bits keeps >= GEMV_MIN_K of K; a GEMV one, unless block_n is given, narrows to 64 columns when
-    128-wide tiles cannot fill the GPU that way."""
+    """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md).
+    M <= 16: the tensor-core "scaled" kind; at 2/3 bits with groups >= 64 in 64-wide tiles keeping
+    >= LOW_BIT_MIN_K of K per program (the inline-PTX unpack on the v7/v8 layouts made that win,
+    KERNELS.md v7, v8); at 2/3-bit g32 and M = 1 the CUDA-core GEMV, >= LOW_BIT_MIN_K per program,
+    narrowed to 64 columns (unless block_n is given) when 128-wide tiles cannot fill the GPU.
+    M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a dense temporary + cuBLAS.
+    Split-K fills the GPU (~4 programs per SM)."""
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
-        if m == 1 and bits in (2, 3):
-            if bits == 2 and group >= 64:
-                bn = block_n or 64
-                split = _split_k(-(-n // bn), k, tile, sms, GEMV_MIN_K)
-                return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
+        if bits in (2, 3) and group >= 64:
+            bn = block_n or 64
+            split = _split_k(-(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
+            return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
+        if bits in (2, 3) and m == 1:
             bn = block_n or 128
-            split = _split_k(-(-n // bn), k, tile, sms, GEMV_MIN_K)
+            split = _split_k(-(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
             if block_n is None and -(-n // bn) * split < 4 * sms:
                 bn = 64
-                split = _split_k(-(-n // bn), k, tile, sms, GEMV_MIN_K)
+                split = _split_k(-(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
             return KernelConfig(1, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="gemv")
         bn = block_n or 128
         split = _split_k(-(-n // bn), k, tile, sms, SCALED_MIN_K)

@@ -12,12 +12,11 @@ codes and scales are zero, so they add nothing):
   blocks of ``R`` word rows holding ``KB = R P`` consecutive k: code ``k = KB B + R j + r``
   (``0 <= j < P``, ``0 <= r < R``) sits in word row ``R B + r`` at bits ``j b .. j b + b - 1``.
   So shifting R consecutive word rows right by ``j b`` gives the codes of R consecutive k.
-  ``R`` (:func:`plane_rows`) is 16 at 2 and 4 bits (KB = 256 and 128), 32 at 8 bits (KB = 128),
-  and 8 / 4 for the 3-bit planes (KB = 128). With R >= 16 the kernels unpack 16 consecutive k
-  (one tensor-core K step) with one immediate shift for the whole step; the 3-bit planes repeat
-  rows with a shift per row. Planes are stacked along dim 0 (at 3 bits: the 2-bit plane's Kp/16
-  rows, then the 1-bit plane's Kp/32 rows). K is padded to :func:`k_tile` (256 at 2 bits, else
-  128), one block of every plane.
+  ``R`` (:func:`plane_rows`) is 16 for every plane (KB = 256 / 128 at 2 / 4 bits; 256 and 512 for the 3-bit
+  planes) except 8 bits' 32 (KB = 128). So the kernels unpack 16 consecutive k (one tensor-core K
+  step) of any plane with one immediate shift for the whole step. Planes are stacked along dim 0
+  (at 3 bits: the 2-bit plane's Kp/16 rows, then the 1-bit plane's Kp/32 rows). K is padded to
+  :func:`k_tile`, one block of every plane (256 at 2 bits, 512 at 3, else 128).
 * ``scales``: ``(Kp // group, N)``, the per-group scale ``s``.
 * ``szeros``: ``(Kp // group, N)``, the folded zero ``-zero * s``, so that
   ``W[n, k] = q * s + szeros`` (one FMA) equals the checkpoint's ``(q - zero) * scale``.
@@ -44,15 +43,15 @@ def plane_bits(bits: int) -> tuple[int, ...]:
 
 
 def plane_rows(bits: int, width: int) -> int:
-    """Word rows R per block of the ``width``-bit plane of ``bits``-bit codes: 16 for 2 bits (256 k
-    per block, so a 16-k step is one immediate shift), else 128 k per block."""
-    return 16 if bits == 2 else 128 * width // 32
+    """Word rows R per block of the ``width``-bit plane of ``bits``-bit codes: 32 at 8 bits (128 k),
+    else 16 (32 * 16 / width k), so a 16-k step is one immediate shift."""
+    return 32 if width == 8 else 16
 
 
 def k_tile(bits: int) -> int:
     """The padding unit of K and the kernels' K tile: one block of every plane (256 k at 2 bits,
-    else 128), a whole number of groups."""
-    return plane_rows(bits, plane_bits(bits)[0]) * 32 // plane_bits(bits)[0]
+    512 at 3, else 128), a whole number of groups."""
+    return max(plane_rows(bits, w) * 32 // w for w in plane_bits(bits))
 
 
 def padded_k(k: int, bits: int) -> int:

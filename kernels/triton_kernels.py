@@ -2,11 +2,11 @@
 ``kernels/layout.py`` for the weight layout).
 
 One kernel, specialised by constexprs. It walks K in tiles of one block of every bit plane
-(``layout.k_tile``: 256 k at 2 bits, else 128). For each chunk of 16 consecutive k (one
-tensor-core K step) it takes a (16, BLOCK_N) tile of words and shifts it by the chunk's slot: one
-immediate shift for the whole chunk at 2/4/8 bits (16-row blocks), a shift per row for the 3-bit
-planes (8/4-row blocks, rows repeat). Unpacking costs one shift and one mask per code, with no
-reshuffling of registers. Each chunk is consumed by one of three MODEs:
+(``layout.k_tile``: 256 k at 2 bits, 512 at 3, else 128). For each chunk of 16 consecutive k (one
+tensor-core K step) it takes (16, BLOCK_N) tiles of words (16-row blocks; 8 bits' 32-row blocks
+as two halves; 3 bits' two 2-bit blocks per tile likewise) and shifts them by the chunk's slot:
+one immediate shift per plane for the whole chunk, one mask per code, no reshuffling of
+registers. Each chunk is consumed by one of three MODEs:
 
 * ``MODE_DOT``: dequantize in registers (``q * s + szeros``, float32 FMA) then ``tl.dot``;
 * ``MODE_SCALED``: ``tl.dot`` on the raw codes (made exact half floats ``MAGIC + q`` with one OR,
@@ -44,9 +44,9 @@ _plane_rows = triton.constexpr_function(plane_rows)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # KERNELS.md v6: the scaled mode extracts codes two at a time with inline PTX (checked on an H200
 # against float64; 4-bit decode GEMMs 7-15% faster). On by default on NVIDIA GPUs; DASHQ_PTX_UNPACK=0
-# turns it off. Never on ROCm, CPU tensors or the interpreter. Since v7 2 bits uses the same
-# one-shift form as 4 bits (16-row blocks); that form has been emulated on the CPU, not yet run at
-# 2 bits on a GPU (KERNELS.md v7).
+# turns it off. Never on ROCm, CPU tensors or the interpreter. 2 bits uses the same one-shift form
+# as 4 bits since v7, 3 bits a two-plane form since v8 (16-row blocks everywhere); both were checked
+# on an H200 against float64 (KERNELS.md v7, v8).
 PTX_UNPACK = os.environ.get("DASHQ_PTX_UNPACK", "1") != "0"
 _PTX_PLATFORM = torch.version.hip is None  # inline PTX is NVIDIA only
 MODES = {"dot": 0, "scaled": 1, "gemv": 2}  # and "wide" (dashq_gemm_kernel), "dequant" (+ cuBLAS)
@@ -72,44 +72,43 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 @triton.jit
 def _plane_words(ptr, t, h: tl.constexpr, R: tl.constexpr, offs_n, mask_n, N):
-    """(16, BLOCK_N) words of tile t of a plane with R-row blocks: rows R t + (16 h + [0, 16)) % R
-    (R < 16 repeats rows; R = 32 has two halves h)."""
-    rows = t * R + (16 * h + tl.arange(0, 16)) % R
+    """(16, BLOCK_N) words of block t of a plane with R-row blocks: rows R t + 16 h + [0, 16)
+    (R = 32 has two halves h)."""
+    rows = t * R + 16 * h + tl.arange(0, 16)
     return tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
 
 
 @triton.jit
 def _plane_codes(words, c: tl.constexpr, WIDTH: tl.constexpr, R: tl.constexpr):
-    """Codes (16, BLOCK_N) of chunk c (k = 16 c + [0, 16) in the tile): word row (16 c + r) % R,
-    slot (16 c + r) // R."""
-    if R >= 16:  # one slot for the whole chunk: an immediate shift
-        codes = (words >> (16 * c // R * WIDTH)) & ((1 << WIDTH) - 1)
-    else:
-        codes = (words >> ((16 * c + tl.arange(0, 16)) // R * WIDTH)[:, None]) & ((1 << WIDTH) - 1)
-    return codes
+    """Codes (16, BLOCK_N) of chunk c (k = 16 c + [0, 16) in the block) of a plane with R >= 16 row
+    blocks: word row (16 c) % R + r, slot 16 c // R, so one immediate shift for the chunk."""
+    return (words >> (16 * c // R * WIDTH)) & ((1 << WIDTH) - 1)
 
 
 @triton.jit
 def _tile_words(qw_ptr, t, BITS: tl.constexpr, K, offs_n, mask_n, N):
     """Every plane word K tile t needs, loaded once: the main plane's (two halves at 8 bits) and,
     at 3 bits, the 1-bit plane stored after the 2-bit plane's K / 16 rows."""
-    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
-    R: tl.constexpr = _plane_rows(BITS, WIDTH)
-    main_a = _plane_words(qw_ptr, t, 0, R, offs_n, mask_n, N)
-    main_b = main_a
-    if WIDTH == 8:  # 32 rows per block: a second half
-        main_b = _plane_words(qw_ptr, t, 1, R, offs_n, mask_n, N)
-    hi = main_a
-    if BITS == 3:
-        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, _plane_rows(BITS, 1), offs_n, mask_n, N)
+    if BITS == 3:  # 512-k tile: two 16-row blocks of the 2-bit plane, one of the 1-bit plane
+        main_a = _plane_words(qw_ptr, 2 * t, 0, 16, offs_n, mask_n, N)
+        main_b = _plane_words(qw_ptr, 2 * t + 1, 0, 16, offs_n, mask_n, N)
+        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 16, offs_n, mask_n, N)
+    else:
+        R: tl.constexpr = _plane_rows(BITS, BITS)
+        main_a = _plane_words(qw_ptr, t, 0, R, offs_n, mask_n, N)
+        main_b = main_a
+        if BITS == 8:  # 32 rows per block: a second half
+            main_b = _plane_words(qw_ptr, t, 1, R, offs_n, mask_n, N)
+        hi = main_a
     return main_a, main_b, hi
 
 
 @triton.jit
-def _chunk_main(main_a, main_b, c: tl.constexpr, WIDTH: tl.constexpr):
-    """The main-plane words chunk c lives in (8 bits: the two 16-row halves alternate)."""
+def _chunk_main(main_a, main_b, c: tl.constexpr, BITS: tl.constexpr):
+    """The main-plane words chunk c lives in (8 bits: the two 16-row halves alternate; 3 bits: the
+    tile's second 2-bit block holds chunks 16-31)."""
     main = main_a
-    if WIDTH == 8 and c % 2 == 1:
+    if (BITS == 8 and c % 2 == 1) or (BITS == 3 and c >= 16):
         main = main_b
     return main
 
@@ -117,11 +116,11 @@ def _chunk_main(main_a, main_b, c: tl.constexpr, WIDTH: tl.constexpr):
 @triton.jit
 def _chunk_codes(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr):
     """Codes (16, BLOCK_N) of chunk c of the tile from :func:`_tile_words`' words."""
-    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS
-    R: tl.constexpr = _plane_rows(BITS, WIDTH)
-    q = _plane_codes(_chunk_main(main_a, main_b, c, WIDTH), c, WIDTH, R)
+    main = _chunk_main(main_a, main_b, c, BITS)
     if BITS == 3:
-        q = q | (_plane_codes(hi, c, 1, _plane_rows(BITS, 1)) << 2)
+        q = _plane_codes(main, c % 16, 2, 16) | (_plane_codes(hi, c, 1, 16) << 2)
+    else:
+        q = _plane_codes(main, c, BITS, _plane_rows(BITS, BITS))
     return q
 
 
@@ -164,17 +163,46 @@ def _pair_operand(words, SHIFT, mask2, magic2, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _pair3_operand(lo, hi, SHIFT_LO, SHIFT_HI, magic2, DTYPE: tl.constexpr):
+    """Inline PTX (CUDA only), 3 bits: DTYPE values MAGIC + (((lo >> SHIFT_LO) & 3) |
+    (((hi >> SHIFT_HI) & 1) << 2)), two elements per asm block, as :func:`_pair_operand` per plane:
+    prmt + shr on the 2-bit plane's words, prmt + one shift that puts the high bit at bit 2 of each
+    half on the 1-bit plane's, then ``(u & 4) | magic`` and ``(t & 3) | u`` (lop3 0xEA twice)."""
+    sh: tl.constexpr = SHIFT_HI % 16
+    if sh >= 2:  # the high bit moves down to bit 2 of each half
+        asm: tl.constexpr = ("{ .reg .b32 t, u; prmt.b32 t, $1, $2, $5; shr.b32 t, t, $7; prmt.b32 u, $3, $4, $9; "
+                             "shr.b32 u, u, $11; lop3.b32 u, u, $15, $17, 0xea; lop3.b32 $0, t, $13, u, 0xea; }")
+    else:  # or up
+        asm: tl.constexpr = ("{ .reg .b32 t, u; prmt.b32 t, $1, $2, $5; shr.b32 t, t, $7; prmt.b32 u, $3, $4, $9; "
+                             "shl.b32 u, u, $11; lop3.b32 u, u, $15, $17, 0xea; lop3.b32 $0, t, $13, u, 0xea; }")
+    args = [lo, hi,
+            tl.full(lo.shape, 0x5410 if SHIFT_LO < 16 else 0x7632, tl.int32), tl.full(lo.shape, SHIFT_LO % 16, tl.int32),
+            tl.full(lo.shape, 0x5410 if SHIFT_HI < 16 else 0x7632, tl.int32),
+            tl.full(lo.shape, sh - 2 if sh >= 2 else 2 - sh, tl.int32),
+            tl.full(lo.shape, 3 * 65537, tl.int32), tl.full(lo.shape, 4 * 65537, tl.int32), magic2]
+    cons: tl.constexpr = "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r"  # out, then 9 packed pairs
+    if DTYPE == tl.float16:
+        out = tl.inline_asm_elementwise(asm, cons, args, dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise(asm, cons, args, dtype=tl.bfloat16, is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
 def _chunk_operand(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
                    PTX: tl.constexpr):
-    """The scaled mode's dot operand MAGIC + q of chunk c: with PTX (2/4/8 bits, CUDA; their blocks
-    have >= 16 rows, so one shift per chunk) extracted two codes at a time by :func:`_pair_operand`,
-    else :func:`_magic_operand` of :func:`_chunk_codes`."""
-    if PTX and BITS != 3:
-        R: tl.constexpr = _plane_rows(BITS, BITS)
-        main = _chunk_main(main_a, main_b, c, BITS)
-        mask2 = tl.full(main.shape, ((1 << BITS) - 1) * 65537, tl.int32)
+    """The scaled mode's dot operand MAGIC + q of chunk c: with PTX (CUDA) extracted two codes at a
+    time by :func:`_pair_operand` (:func:`_pair3_operand` at 3 bits; every plane's blocks have >= 16
+    rows, so one shift per chunk and plane), else :func:`_magic_operand` of :func:`_chunk_codes`."""
+    main = _chunk_main(main_a, main_b, c, BITS)
+    if PTX:
         magic2 = tl.full(main.shape, (0x6400 if DTYPE == tl.float16 else 0x4300) * 65537, tl.int32)
-        out = _pair_operand(main, 16 * c // R * BITS, mask2, magic2, DTYPE)
+        if BITS == 3:
+            out = _pair3_operand(main, hi, 2 * (c % 16), c, magic2, DTYPE)
+        else:
+            R: tl.constexpr = _plane_rows(BITS, BITS)
+            mask2 = tl.full(main.shape, ((1 << BITS) - 1) * 65537, tl.int32)
+            out = _pair_operand(main, 16 * c // R * BITS, mask2, magic2, DTYPE)
     else:
         out = _magic_operand(_chunk_codes(main_a, main_b, hi, c, BITS), DTYPE)
     return out
@@ -224,8 +252,7 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
     ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y.
     PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`).
     EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk)."""
-    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
-    KT: tl.constexpr = 32 * _plane_rows(BITS, WIDTH) // WIDTH  # K tile: one block of every plane (layout.k_tile)
+    KT: tl.constexpr = 32 * _plane_rows(BITS, 1) if BITS == 3 else 32 * _plane_rows(BITS, BITS) // BITS  # K tile: one block of every plane (layout.k_tile)
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -353,8 +380,7 @@ def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, 
                          BLOCK_N: tl.constexpr):
     """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS).
     grid = (K / KT, N tiles), KT = layout.k_tile(BITS)."""
-    WIDTH: tl.constexpr = 2 if BITS == 3 else BITS  # main plane
-    KT: tl.constexpr = 32 * _plane_rows(BITS, WIDTH) // WIDTH  # one block of every plane (layout.k_tile)
+    KT: tl.constexpr = 32 * _plane_rows(BITS, 1) if BITS == 3 else 32 * _plane_rows(BITS, BITS) // BITS  # layout.k_tile
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N

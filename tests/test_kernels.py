@@ -49,9 +49,9 @@ def test_kernel_code_packing_roundtrip(bits):
 
 def _decode_from_text(words, bits, k):
     """Codes of column 0, decoded from the layout's description (kernels/layout.py): R = 16 rows
-    per block at 2 and 4 bits, 32 at 8 bits, 8 and 4 for the 3-bit planes; KB = R * 32 / width."""
+    per block for every plane but 8 bits' 32; KB = R * 32 / width."""
     codes, row0, shift = [0] * k, 0, 0
-    for width, rows in {2: [(2, 16)], 3: [(2, 8), (1, 4)], 4: [(4, 16)], 8: [(8, 32)]}[bits]:
+    for width, rows in {2: [(2, 16)], 3: [(2, 16), (1, 16)], 4: [(4, 16)], 8: [(8, 32)]}[bits]:
         kb = rows * 32 // width
         for kk in range(k):
             blk, rem = divmod(kk, kb)
@@ -67,7 +67,7 @@ def _decode_from_text(words, bits, k):
 def test_kernel_layout_matches_its_description(bits):
     kp = K.k_tile(bits) * 2
     codes = torch.randint(0, 1 << bits, (kp, 1), generator=torch.Generator().manual_seed(9))
-    assert K.k_tile(bits) == (256 if bits == 2 else 128)
+    assert K.k_tile(bits) == {2: 256, 3: 512, 4: 128, 8: 128}[bits]
     words = K.pack_kernel_codes(codes, bits)[:, 0].tolist()
     assert _decode_from_text(words, bits, kp) == codes[:, 0].tolist()
 
@@ -200,18 +200,18 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True):
 def test_ptx_unpack_compiles_for_sm90(bits, dtype):
     """DASHQ_PTX_UNPACK's kernel (KERNELS.md v6) is valid PTX that ptxas accepts, and the flag really
     switches the scaled mode's unpacking: the pair-packing asm is in the PTX exactly when PTX is set
-    (3 bits keep the Triton unpack). Its numbers can only be checked on a GPU (bench_kernels.py check)."""
+    (3 bits: the two-plane form, v8). Its numbers can only be checked on a GPU (bench_kernels.py check)."""
     with_ptx = _compile_sm90(bits, dtype, True)
     without = _compile_sm90(bits, dtype, False)
     assert with_ptx.asm["cubin"] and without.asm["cubin"]
     marker = "prmt.b32 t,"  # the pair-packing asm of _pair_operand (both forms)
     ptx = with_ptx.asm["ptx"]
-    assert (marker in ptx) == (bits != 3)
+    assert marker in ptx
     assert marker not in without.asm["ptx"]
-    if bits != 3:  # the operands the asm is given: the mask and the magic in both halves
-        mask2 = ((1 << bits) - 1) * 0x10001
-        magic2 = (0x6400 if dtype == torch.float16 else 0x4300) * 0x10001
-        assert f", {mask2};" in ptx and f", {magic2};" in ptx, (mask2, magic2)
+    # the operands the asm is given: the mask(s) and the magic in both halves
+    masks = (3 * 0x10001, 4 * 0x10001) if bits == 3 else (((1 << bits) - 1) * 0x10001,)
+    magic2 = (0x6400 if dtype == torch.float16 else 0x4300) * 0x10001
+    assert all(f", {m};" in ptx for m in masks) and f", {magic2};" in ptx, (masks, magic2)
     # the other modes ignore the flag
     assert marker not in _compile_sm90(bits, dtype, True, mode="dot").asm["ptx"]
 
@@ -279,7 +279,10 @@ def test_committed_tuned_tables_load(path, monkeypatch):
     for key, cfg in table.items():
         bits, group, bucket, n, k = (int(v) for v in key.split("/"))
         assert bits in (2, 3, 4, 8) and group in (32, 64, 128) and bucket in C.M_BUCKETS, key
-        assert n > 0 and k % K.k_tile(bits) == 0 and cfg.split_k <= k // K.k_tile(bits), (key, cfg)
+        assert n > 0 and k % 128 == 0, key
+        # tables tuned on older layouts may split K finer than today's K tiles: launch() caps it
+        fitted = C.fit_config(cfg, K.padded_k(k, bits), group, bits, torch.float16)
+        assert 1 <= fitted.split_k <= K.padded_k(k, bits) // K.k_tile(bits), (key, cfg)
         assert cfg.kind in ("dot", "scaled", "gemv", "wide", "dequant"), (key, cfg)
         assert cfg.block_n in (32, 64, 128, 256) and cfg.split_k >= 1 and cfg.num_warps in (1, 2, 4, 8, 16)
         if bucket <= C.DECODE_MAX_M:
@@ -288,36 +291,38 @@ def test_committed_tuned_tables_load(path, monkeypatch):
             assert bucket == 1, (key, cfg)  # one row per program: M = 1 only
 
 
-# (K, N) of Llama-3-8B's and -70B's layers -> the M = 1 (block_n, split_k) that timed best on an
-# H200: "gemv" at 3 bits g128 (benchmarks/results/kernels_v6_tune_h200.json; the H100 sweeps agree
-# within 6%), "scaled" at 2 bits g64 on the v7 layout (kernels_v7_tune_h200.json; gate_up's split 2
-# within 1% of split 1)
+# (K, N) of Llama-3-8B's and -70B's layers -> the M = 1 "scaled" (block_n, split_k) that timed best on
+# an H200: 2 bits g64 on the v7 layout (benchmarks/results/kernels_v7_tune_h200.json; gate_up's split
+# 2 within 1% of split 1), 3 bits g128 on the v8 layout (kernels_v8_3b_h200.log; there down and the
+# 70B o_proj timed best at split 4 and 2, which the committed table holds, so they are not pinned)
 M1_BEST_H200 = {
-    (3, 128): {(4096, 6144): (64, 8), (14336, 4096): (64, 16), (4096, 28672): (128, 4),
-               (8192, 10240): (128, 8), (8192, 8192): (128, 16), (8192, 57344): (128, 2),
-               (28672, 8192): (128, 16)},
     (2, 64): {(4096, 6144): (64, 8), (4096, 4096): (64, 8), (14336, 4096): (64, 16), (4096, 28672): (64, 2),
               (8192, 10240): (64, 4), (8192, 8192): (64, 8), (8192, 57344): (64, 1), (28672, 8192): (64, 8)},
+    (3, 128): {(4096, 6144): (64, 8), (4096, 4096): (64, 8), (4096, 28672): (64, 2), (8192, 10240): (64, 4),
+               (8192, 57344): (64, 1), (28672, 8192): (64, 8)},
 }
 
 
-@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (2, 32)])
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (2, 32), (3, 32)])
 def test_heuristic_m1_low_bit_picks(bits, group):
-    """The heuristic's M = 1 configs at 2/3 bits: >= GEMV_MIN_K of K per program; the tensor-core
-    scaled kind with 64-wide tiles at 2 bits g64, the GEMV at 3 bits and 2-bit g32 (64-wide only when
-    128-wide tiles cannot fill the GPU); the picks measured best on the H200; an explicit block_n is
-    kept; M = 16 and 4 bits keep the scaled kind."""
+    """The heuristic's decode configs at 2/3 bits: >= LOW_BIT_MIN_K of K per program; for groups >= 64
+    the tensor-core scaled kind with 64-wide tiles at M = 1-16 (the M = 1 picks measured best on the
+    H200), for g32 the GEMV at M = 1 (64-wide only when 128-wide tiles cannot fill the GPU) and the
+    scaled kind at M = 16; an explicit block_n is kept; 4 bits keeps 128-wide scaled tiles."""
     from dashq_vllm.kernels import configs as C
 
-    kind = "scaled" if (bits, group) == (2, 64) else "gemv"
-    for (k, n), best in M1_BEST_H200.get((bits, group), M1_BEST_H200[(3, 128)]).items():
+    kind = "scaled" if group >= 64 else "gemv"
+    for (k, n), best in M1_BEST_H200.get((bits, group), M1_BEST_H200[(2, 64)]).items():
         cfg = C.heuristic_config(1, n, k, bits, group, sms=132)
         assert cfg.kind == kind and cfg.block_m == (16 if kind == "scaled" else 1), cfg
         if (bits, group) in M1_BEST_H200:
             assert (cfg.block_n, cfg.split_k) == best, ((k, n), cfg)
-        assert k // cfg.split_k >= C.GEMV_MIN_K or cfg.split_k == 1
+        assert k // cfg.split_k >= C.LOW_BIT_MIN_K or cfg.split_k == 1
         assert C.heuristic_config(1, n, k, bits, group, sms=132, block_n=128).block_n == 128
-        assert C.heuristic_config(16, n, k, bits, group, sms=132).kind == "scaled"
+        m16 = C.heuristic_config(16, n, k, bits, group, sms=132)
+        assert m16.kind == "scaled"
+        if kind == "scaled":  # the same rule at M = 2-16
+            assert (m16.block_n, m16.split_k) == (cfg.block_n, cfg.split_k), ((k, n), m16)
     # a small layer (Qwen-1.5B's o_proj) still gets a legal config; 4 bits stays on the tensor cores
     small = C.heuristic_config(1, 1536, 1536, bits, group, sms=132)
     assert small.kind == kind and small.split_k >= 1 and small.block_n in (64, 128)
@@ -354,3 +359,27 @@ def test_pair_unpack_asm_emulated(bits):
                 want_lo = magic | (((a & 0xFFFFFFFF) >> shift) & mask)
                 want_hi = magic | (((b & 0xFFFFFFFF) >> shift) & mask)
                 assert (out & 0xFFFF, out >> 16) == (want_lo, want_hi), (c, shift, hex(a), hex(b))
+
+
+def test_pair3_unpack_asm_emulated():
+    """The 3-bit asm of _pair3_operand, emulated bit by bit for every chunk of the 512-k tile:
+    prmt + shr of the 2-bit plane's pair, prmt + one shift (right by s - 2, or left by 2 - s) of the
+    1-bit plane's pair, (u & 4) | magic, (t & 3) | u: each 16-bit half comes out as MAGIC | its own
+    3-bit code, for any two words paired."""
+    from dashq_vllm.kernels.layout import k_tile, plane_rows
+
+    assert plane_rows(3, 2) == plane_rows(3, 1) == 16 and k_tile(3) == 512
+    g = torch.Generator().manual_seed(3)
+    for magic in (0x6400, 0x4300):
+        for c in range(k_tile(3) // 16):
+            s_lo, s_hi = 2 * (c % 16), c  # slot of chunk c in its 2-bit block / in the 1-bit block
+            for la, lb, ha, hb in torch.randint(-2**31, 2**31, (32, 4), generator=g).tolist():
+                t = _prmt(la, lb, 0x5410 if s_lo < 16 else 0x7632) >> (s_lo % 16)
+                u = _prmt(ha, hb, 0x5410 if s_hi < 16 else 0x7632)
+                sh = s_hi % 16
+                u = (u >> (sh - 2)) if sh >= 2 else (u << (2 - sh)) & 0xFFFFFFFF
+                u = (u & 0x00040004) | (magic * 0x10001)
+                out = (t & 0x00030003) | u
+                for half, lo_w, hi_w in ((0, la, ha), (1, lb, hb)):
+                    code = (((lo_w & 0xFFFFFFFF) >> s_lo) & 3) | ((((hi_w & 0xFFFFFFFF) >> s_hi) & 1) << 2)
+                    assert (out >> 16 * half) & 0xFFFF == magic | code, (c, half)
