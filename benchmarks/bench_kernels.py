@@ -593,35 +593,33 @@ def run_sweep(dev, info, m_list, bit_configs, shapes, budget_s):
 
     # K as the loader pads it at each width (e.g. Qwen's 8960 is 9216 at 3 bits), so the table's keys
     # are the ones vLLM looks up
-    precompile([(bits, group, torch.float16, fit_config(c, K.padded_k(k, bits), group, bits, torch.float16), False,
-                 n, K.padded_k(k, bits), K.padded_k(k, bits))
-                for k, n, _ in shapes for bits, group in bit_configs for m in m_list
-                for c in sweep_candidates(m, n, K.padded_k(k, bits), bits, group, info["sms"])])
+    cases = [(K.padded_k(k, bits), n, name, bits, group) for k, n, name in shapes for bits, group in bit_configs]
+    precompile([(bits, group, torch.float16, fit_config(c, k, group, bits, torch.float16), False, n, k, k)
+                for k, n, _, bits, group in cases for m in m_list
+                for c in sweep_candidates(m, n, k, bits, group, info["sms"])])
     table, rows = {}, []
     t_start = time.time()
-    for k_real, n, name in shapes:
-        for bits, group in bit_configs:
-            k = K.padded_k(k_real, bits)
-            W = Weights(k, n, bits, group, dev, info["l2_bytes"])
-            for m in m_list:
-                best = None
-                for cfg in sweep_candidates(m, n, k, bits, group, info["sms"]):
-                    if time.time() - t_start > budget_s:
-                        break
-                    try:
-                        t = graph_ms(quant_fns(W, m, cfg=cfg), reps=max(1, 16 // W.count))
-                    except Exception as e:  # a config the compiler rejects (e.g. shared memory)
-                        log(f"sweep {name} {bits}b M={m} {cfg} failed: {repr(e)[:200]}")
-                        continue
-                    rows.append(dict(shape=name, bits=bits, group=group, m=m, us=t * 1e3, config=cfg.__dict__))
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                if best is not None:
-                    for bucket in covered_buckets(m, m_list):
-                        table[config_key(bits, group, bucket, n, k)] = best[1]
-                    log(f"sweep best {name:>17} {bits}b g{group} M={m:<5} {best[0] * 1e3:8.1f} us {best[1]}")
-            del W
-            torch.cuda.empty_cache()
+    for k, n, name, bits, group in cases:
+        W = Weights(k, n, bits, group, dev, info["l2_bytes"])
+        for m in m_list:
+            best = None
+            for cfg in sweep_candidates(m, n, k, bits, group, info["sms"]):
+                if time.time() - t_start > budget_s:
+                    break
+                try:
+                    t = graph_ms(quant_fns(W, m, cfg=cfg), reps=max(1, 16 // W.count))
+                except Exception as e:  # a config the compiler rejects (e.g. shared memory)
+                    log(f"sweep {name} {bits}b M={m} {cfg} failed: {repr(e)[:200]}")
+                    continue
+                rows.append(dict(shape=name, bits=bits, group=group, m=m, us=t * 1e3, config=cfg.__dict__))
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            if best is not None:
+                for bucket in covered_buckets(m, m_list):
+                    table[config_key(bits, group, bucket, n, k)] = best[1]
+                log(f"sweep best {name:>17} {bits}b g{group} M={m:<5} {best[0] * 1e3:8.1f} us {best[1]}")
+        del W
+        torch.cuda.empty_cache()
     return table, rows
 
 

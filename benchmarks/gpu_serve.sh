@@ -26,7 +26,7 @@
 #   throughput: `throughput llama3-8b` or `throughput llama3-70b-20l` (~55-60 s a config on an H200).
 #   tune: sweep decode kernel configs on this GPU (8B, 70B and Qwen-1.5B layer shapes; 4b g128, 3b g128,
 #           2b g64/g32) into /tmp/results/k/tuned.json, used by every later step of the lease (commit it as
-#           kernels/tuned/<GPU name>.json; the H200's of 2026-12-02 took 34 s for the 8B/70B shapes).
+#           kernels/tuned/<GPU name>.json; on an H200 (2026-12-02) the 8B/70B shapes took 34 s, all twelve 64 s).
 #   kernels-ptx: the inline-PTX unpack (on by default since 2026-12-02) checked, then timed off/on.
 #   qwen-throughput: offline throughput of Qwen's real checkpoints (QWEN_SETTINGS, after qwen-ckpts)
 #           against the bf16 source run at fp16.
