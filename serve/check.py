@@ -35,14 +35,13 @@ class CheckError(AssertionError):
     """A serving check failed."""
 
 
-def reference_tokens(ckpt: Path, prompts: list[str] = PROMPTS, n_tokens: int = N_TOKENS,
-                     device: str = "cpu") -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids and greedy continuations (EOS not special) from the float32 transformers reference."""
+def reference_tokens(model, tok, prompts: list[str] = PROMPTS,
+                     n_tokens: int = N_TOKENS) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids and greedy continuations (EOS not special) from the float32 transformers reference
+    ``model`` (``quantize.model_io.load_model``)."""
     import torch
 
-    from dashq_vllm.quantize.model_io import load_model
-
-    model, tok = load_model(ckpt, device, torch.float32)
+    device = model.device
     ids_all, outs = [], []
     with torch.no_grad():
         for p in prompts:
@@ -55,30 +54,24 @@ def reference_tokens(ckpt: Path, prompts: list[str] = PROMPTS, n_tokens: int = N
                 out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
             ids_all.append(ids[0].tolist())
             outs.append(toks)
-    del model
     return ids_all, outs
 
 
-def teacher_forced_agreement(ckpt: Path, prompt_ids: list[list[int]], got: list[list[int]],
-                             device: str = "cpu") -> float:
+def teacher_forced_agreement(model, prompt_ids: list[list[int]], got: list[list[int]]) -> float:
     """Fraction of served tokens that are the float32 reference's greedy choice given the *served*
     prefix (one forward pass over prompt + served tokens per prompt). Unlike :func:`agreement`, one
     flip at a near-tie costs one token, not the rest of the prompt; a wrong model still scores low."""
     import torch
 
-    from dashq_vllm.quantize.model_io import load_model
-
-    model, _ = load_model(ckpt, device, torch.float32)
     hits = total = 0
     with torch.no_grad():
         for ids, g in zip(prompt_ids, got, strict=True):
             if not g:
                 continue
-            seq = torch.tensor([ids + g[:-1]], device=device)
+            seq = torch.tensor([ids + g[:-1]], device=model.device)
             pred = model(seq).logits[0, len(ids) - 1:].argmax(-1).tolist()
             hits += sum(int(a == b) for a, b in zip(pred, g))
             total += len(g)
-    del model
     return hits / max(total, 1)
 
 
@@ -167,15 +160,21 @@ def concurrent_streams(base_url: str, model: str, n: int, max_tokens: int = 16, 
 def check_server(base_url: str, ckpt: Path, *, concurrent: int = 0, reference_device: str = "cpu",
                  prompts: list[str] = PROMPTS, n_tokens: int = N_TOKENS) -> dict:
     """Every check against the server at ``base_url`` serving ``ckpt``; returns the measurements."""
+    import torch
+
+    from dashq_vllm.quantize.model_io import load_model
+
     from .chat import default_model, make_client
 
     client = make_client(base_url, timeout=600)
     model = default_model(client)
-    prompt_ids, ref = reference_tokens(ckpt, prompts, n_tokens, reference_device)
+    ref_model, tok = load_model(ckpt, reference_device, torch.float32)  # once, for both comparisons
+    prompt_ids, ref = reference_tokens(ref_model, tok, prompts, n_tokens)
     got = served_tokens(client, model, prompt_ids, n_tokens)
+    tf = teacher_forced_agreement(ref_model, prompt_ids, got)
+    del ref_model
     stats: dict = {"model": model, "agreement": round(agreement(ref, got), 4),
-                   "teacher_forced_agreement": round(teacher_forced_agreement(ckpt, prompt_ids, got,
-                                                                              reference_device), 4),
+                   "teacher_forced_agreement": round(tf, 4),
                    "prompts": len(prompts), "tokens_per_prompt": n_tokens,
                    "reference_tokens": ref, "served_tokens": got}
     stats.update(chat_checks(client, model))
