@@ -38,6 +38,7 @@ LARGE = {"gate_up", "down", "70b_gate_up_shard"}
 SMALL = {"qkv", "o"}
 M_LIST = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 BIT_CONFIGS = [(4, 128), (3, 128), (2, 64)]
+GRAPH_MAX_M = 256  # the "graph" section times M up to this inside CUDA-graph replays too (vLLM's decode graphs)
 
 
 def parse_bit_configs(text: str) -> list[tuple[int, int]]:
@@ -270,6 +271,9 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     "gemm-dot-128": (300, KernelConfig(128, 128, num_warps=8, num_stages=3)),
     "wide-128": (300, KernelConfig(128, 128, num_warps=8, num_stages=3, kind="wide")),
     "wide-dot-64": (33, KernelConfig(64, 128, num_warps=4, num_stages=3, kind="wide", scaled=False)),
+    "swap-decode": (5, KernelConfig(16, 64, split_k=4, group_m=1, kind="swap")),
+    "swap-64": (70, KernelConfig(64, 128, split_k=2, num_warps=4, num_stages=2, kind="swap")),
+    "swap-dot-128": (200, KernelConfig(128, 64, num_warps=4, num_stages=2, kind="swap", scaled=False)),
 }
 
 
@@ -459,7 +463,7 @@ def run_bench(dev, info, m_list, bit_configs, shapes, with_graph):
         D = Dense(k, n, dev, l2)
         for m in m_list:
             fp16_ms[(name, m)] = bench_ms(rotating(dense_fns(D, m, k)))
-            if with_graph and m <= 16:
+            if with_graph and m <= GRAPH_MAX_M:
                 fp16_graph[(name, m)] = graph_ms(dense_fns(D, m, k))
         del D
         for bits, group in bit_configs:
@@ -473,11 +477,11 @@ def run_bench(dev, info, m_list, bit_configs, shapes, with_graph):
                            GBps=io_bytes(W, m) / (t * 1e-3) / 1e9, floor_us=floor * 1e3,
                            pct_floor=100 * floor / t, flops_floor_us=flops_floor * 1e3,
                            fp16_us=fp16_ms[(name, m)] * 1e3, speedup=fp16_ms[(name, m)] / t, config=cfg.__dict__)
-                if with_graph and m <= 16:
+                if with_graph and m <= GRAPH_MAX_M:
                     tg = graph_ms(quant_fns(W, m))
                     row.update(graph_us=tg * 1e3, fp16_graph_us=fp16_graph[(name, m)] * 1e3,
                                graph_speedup=fp16_graph[(name, m)] / tg, graph_pct_floor=100 * floor / tg)
-                if m <= 16 or m == 1024:
+                if m <= 16 or m in (64, 256, 1024):
                     row["rel_err"] = bench_rel_err(W, m)
                 rows.append(row)
                 log(f"bench {name:>17} {bits}b g{group:<3} M={m:<5} {row['us']:9.1f} us {row['GBps']:7.0f} GB/s "
@@ -544,7 +548,7 @@ def sweep_candidates(m, n, k, bits, group, sms):
         return
     if m <= 16:
         cands = [("scaled", bn, w) for bn in (64, 128, 256) for w in (4, 8)]
-        cands += [("dot", 128, 4), ("dot", 256, 8)]
+        cands += [("dot", 128, 4), ("dot", 256, 8), ("swap", 64, 4), ("swap", 128, 4)]
         if m == 1:
             cands += [("gemv", 64, 4), ("gemv", 128, 4), ("gemv", 128, 8)]
         for kind, bn, warps in cands:
@@ -562,6 +566,7 @@ def sweep_candidates(m, n, k, bits, group, sms):
         yield KernelConfig(64, 128, num_warps=4, num_stages=3, kind="wide", scaled=False)
     else:
         yield KernelConfig(128, 128, kind="dequant")
+        yield from swap_candidates(m, n, k, bits, group, sms)
         for bm, bn, warps, kind in ((16, 128, 4, "scaled"), (32, 128, 4, "scaled"), (32, 128, 4, "dot"),
                                     (64, 128, 4, "dot"), (128, 128, 8, "dot"), (128, 256, 8, "dot"),
                                     (64, 128, 4, "scaled"), (128, 128, 8, "scaled"), (128, 256, 8, "scaled")):
@@ -569,6 +574,31 @@ def sweep_candidates(m, n, k, bits, group, sms):
                 yield KernelConfig(bm, bn, num_warps=warps, num_stages=3, kind=kind)
         if m >= 4096:
             yield KernelConfig(128, 256, num_warps=8, num_stages=3, kind="dot")
+
+
+def swap_candidates(m, n, k, bits, group, sms):
+    """Mid-M configs of the swapped kind (weights as the dot's first operand, KERNELS.md "Mid M"):
+    token tiles of 32 (M <= 64), 64 and 128 (M >= 64), 64/128 weight rows, scaled after the dot
+    (token tiles <= 64) and/or dequantized before it (>= 64), split-K to ~4 programs per SM (>= 512 k
+    per program) or none."""
+    from dashq_vllm.kernels.configs import _split_k
+
+    if m >= 4096:
+        return
+    tile = K.k_tile(bits)
+    for bm in (32, 64, 128):
+        if bm > max(32, m) or (bm == 32 and m > 64):
+            continue
+        for bn, warps in ((64, 4), (128, 4), (128, 8)):
+            if bm == 128 and (bn, warps) == (128, 4):  # three 128 x 128 accumulators spill at 4 warps
+                continue
+            split = _split_k(-(-m // bm) * -(-n // bn), k, tile, sms, 512)
+            for scaled in (True, False):
+                if (scaled and bm > 64) or (not scaled and bm < 64):
+                    continue
+                for sk in sorted({1, split}):
+                    yield KernelConfig(bm, bn, split_k=sk, group_m=8, num_warps=warps,
+                                       num_stages=2 if bits == 3 or bm == 128 else 3, kind="swap", scaled=scaled)
 
 
 def covered_buckets(m, m_list):

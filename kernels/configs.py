@@ -39,8 +39,10 @@ class KernelConfig:
     # "gemv": CUDA-core FMAs, one x row per program (for M = 1); the K tile is k_tile(bits);
     # "wide": one tl.dot per block_k-step on a gathered code tile (mid M);
     # "dequant": dense dequantization to a temporary, then cuBLAS (large M)
+    # "swap": y^T = W^T x^T, the unpacked weight tile as the dot's first operand (wgmma's register A on
+    # Hopper), raw codes scaled per group (or, with scaled=False, dequantized before the dot)
     block_k: int = 0  # "wide": k per step (0: min(64, group)); divides 128, at most the group size
-    scaled: bool = True  # "wide": scale after the dot (raw codes as exact halves) or dequantize before
+    scaled: bool = True  # "wide", "swap": scale after the dot (raw codes as exact halves) or dequantize before
 
 
 def m_bucket(m: int) -> int:
@@ -128,6 +130,8 @@ def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dt
     tiles (a table tuned on 128-k tiles may ask for more at 2 bits, whose tiles are 256 k)."""
     if cfg.kind == "scaled" and bits == 8 and dtype == torch.bfloat16:
         cfg = replace(cfg, kind="dot")
+    if cfg.kind == "swap" and cfg.scaled and bits == 8 and dtype == torch.bfloat16:
+        cfg = replace(cfg, scaled=False)
     if cfg.kind == "gemv" and cfg.block_m != 1:
         cfg = replace(cfg, block_m=1)
     if cfg.kind not in ("gemv", "dequant") and cfg.block_m < 16:

@@ -71,11 +71,15 @@ def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _plane_words(ptr, t, h: tl.constexpr, R: tl.constexpr, offs_n, mask_n, N):
+def _plane_words(ptr, t, h: tl.constexpr, R: tl.constexpr, offs_n, mask_n, N, SWAP: tl.constexpr):
     """(16, BLOCK_N) words of block t of a plane with R-row blocks: rows R t + 16 h + [0, 16)
-    (R = 32 has two halves h)."""
+    (R = 32 has two halves h); SWAP: the same words as (BLOCK_N, 16)."""
     rows = t * R + 16 * h + tl.arange(0, 16)
-    return tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    if SWAP:
+        words = tl.load(ptr + rows[None, :] * N + offs_n[:, None], mask=mask_n[:, None], other=0)
+    else:
+        words = tl.load(ptr + rows[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    return words
 
 
 @triton.jit
@@ -86,19 +90,20 @@ def _plane_codes(words, c: tl.constexpr, WIDTH: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _tile_words(qw_ptr, t, BITS: tl.constexpr, K, offs_n, mask_n, N):
+def _tile_words(qw_ptr, t, BITS: tl.constexpr, K, offs_n, mask_n, N, SWAP: tl.constexpr):
     """Every plane word K tile t needs, loaded once: the main plane's (two halves at 8 bits) and,
-    at 3 bits, the 1-bit plane stored after the 2-bit plane's K / 16 rows."""
-    if BITS == 3:  # 512-k tile: two 16-row blocks of the 2-bit plane, one of the 1-bit plane
-        main_a = _plane_words(qw_ptr, 2 * t, 0, 16, offs_n, mask_n, N)
-        main_b = _plane_words(qw_ptr, 2 * t + 1, 0, 16, offs_n, mask_n, N)
-        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, 16, offs_n, mask_n, N)
+    at 3 bits, the 1-bit plane stored after the 2-bit plane's K / 16 rows (SWAP: transposed)."""
+    if BITS == 3:  # 512-k tile: two blocks of the 2-bit plane, one of the 1-bit plane
+        R2: tl.constexpr = _plane_rows(BITS, 2)
+        main_a = _plane_words(qw_ptr, 2 * t, 0, R2, offs_n, mask_n, N, SWAP)
+        main_b = _plane_words(qw_ptr, 2 * t + 1, 0, R2, offs_n, mask_n, N, SWAP)
+        hi = _plane_words(qw_ptr + (K // 16) * N, t, 0, _plane_rows(BITS, 1), offs_n, mask_n, N, SWAP)
     else:
         R: tl.constexpr = _plane_rows(BITS, BITS)
-        main_a = _plane_words(qw_ptr, t, 0, R, offs_n, mask_n, N)
+        main_a = _plane_words(qw_ptr, t, 0, R, offs_n, mask_n, N, SWAP)
         main_b = main_a
         if BITS == 8:  # 32 rows per block: a second half
-            main_b = _plane_words(qw_ptr, t, 1, R, offs_n, mask_n, N)
+            main_b = _plane_words(qw_ptr, t, 1, R, offs_n, mask_n, N, SWAP)
         hi = main_a
     return main_a, main_b, hi
 
@@ -106,9 +111,10 @@ def _tile_words(qw_ptr, t, BITS: tl.constexpr, K, offs_n, mask_n, N):
 @triton.jit
 def _chunk_main(main_a, main_b, c: tl.constexpr, BITS: tl.constexpr):
     """The main-plane words chunk c lives in (8 bits: the two 16-row halves alternate; 3 bits: the
-    tile's second 2-bit block holds chunks 16-31)."""
+    tile's second 2-bit block holds the chunks from C2 on)."""
+    C2: tl.constexpr = 32 * _plane_rows(BITS, 2) // 2 // 16  # 16-k chunks per block of the 2-bit plane
     main = main_a
-    if (BITS == 8 and c % 2 == 1) or (BITS == 3 and c >= 16):
+    if (BITS == 8 and c % 2 == 1) or (BITS == 3 and c >= C2):
         main = main_b
     return main
 
@@ -118,7 +124,9 @@ def _chunk_codes(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr):
     """Codes (16, BLOCK_N) of chunk c of the tile from :func:`_tile_words`' words."""
     main = _chunk_main(main_a, main_b, c, BITS)
     if BITS == 3:
-        q = _plane_codes(main, c % 16, 2, 16) | (_plane_codes(hi, c, 1, 16) << 2)
+        R2: tl.constexpr = _plane_rows(BITS, 2)
+        C2: tl.constexpr = 32 * R2 // 2 // 16  # 16-k chunks per block of the 2-bit plane
+        q = _plane_codes(main, c % C2, 2, R2) | (_plane_codes(hi, c, 1, _plane_rows(BITS, 1)) << 2)
     else:
         q = _plane_codes(main, c, BITS, _plane_rows(BITS, BITS))
     return q
@@ -198,7 +206,9 @@ def _chunk_operand(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr, DTYP
     if PTX:
         magic2 = tl.full(main.shape, (0x6400 if DTYPE == tl.float16 else 0x4300) * 65537, tl.int32)
         if BITS == 3:
-            out = _pair3_operand(main, hi, 2 * (c % 16), c, magic2, DTYPE)
+            R2: tl.constexpr = _plane_rows(BITS, 2)
+            C2: tl.constexpr = 32 * R2 // 2 // 16  # 16-k chunks per block of the 2-bit plane
+            out = _pair3_operand(main, hi, 16 * (c % C2) // R2 * 2, 16 * c // _plane_rows(BITS, 1), magic2, DTYPE)
         else:
             R: tl.constexpr = _plane_rows(BITS, BITS)
             mask2 = tl.full(main.shape, ((1 << BITS) - 1) * 65537, tl.int32)
@@ -209,10 +219,15 @@ def _chunk_operand(main_a, main_b, hi, c: tl.constexpr, BITS: tl.constexpr, DTYP
 
 
 @triton.jit
-def _group_row(ptr, k, GROUP: tl.constexpr, offs_n, mask_n, N):
-    """Row of group k // GROUP of a (K / group, N) scale tensor, float32 (1, BLOCK_N)."""
-    v = tl.load(ptr + (k // GROUP) * N + offs_n, mask=mask_n, other=0.0)
-    return v.to(tl.float32)[None, :]
+def _group_row(ptr, k, GROUP: tl.constexpr, offs_n, mask_n, N, SWAP: tl.constexpr):
+    """Row of group k // GROUP of a (K / group, N) scale tensor, float32 (1, BLOCK_N); SWAP: as a
+    (BLOCK_N, 1) column."""
+    v = tl.load(ptr + (k // GROUP) * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if SWAP:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
 
 
 @triton.jit
@@ -247,14 +262,24 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
                         HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PTX: tl.constexpr,
-                        EVEN_K: tl.constexpr):
+                        EVEN_K: tl.constexpr, SWAP: tl.constexpr):
     """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); K % KT == 0 (layout.k_tile).
     ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y.
     PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`).
-    EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk)."""
+    EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk).
+    SWAP (MODE_DOT / MODE_SCALED): y^T = W^T x^T, the weight tile is the dot's first operand
+    (BLOCK_N, 16), the activations the second (16, BLOCK_M), so on Hopper the unpacked weights feed
+    wgmma from registers and only x goes through shared memory (KERNELS.md "Mid M")."""
     KT: tl.constexpr = 32 * _plane_rows(BITS, 1) if BITS == 3 else 32 * _plane_rows(BITS, BITS) // BITS  # K tile: one block of every plane (layout.k_tile)
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
+    # accumulator (A0, A1): (rows of x, BLOCK_N), or (BLOCK_N, BLOCK_M) when swapped
+    A0: tl.constexpr = BLOCK_N if SWAP else ROWS
+    A1: tl.constexpr = BLOCK_M if SWAP else BLOCK_N
+    S0: tl.constexpr = BLOCK_N if SWAP else 1  # scale rows and columns (S0, S1)
+    S1: tl.constexpr = 1 if SWAP else BLOCK_N
+    X0: tl.constexpr = 1 if SWAP else BLOCK_M  # the group's sum of x: (X0, X1)
+    X1: tl.constexpr = BLOCK_M if SWAP else 1
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
 
@@ -268,26 +293,26 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
     k_tiles = K // KT
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_end = tl.minimum(per_split * (pid_k + 1), k_tiles)
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((A0, A1), dtype=tl.float32)
     acc_z = tl.zeros((1, BLOCK_N), dtype=tl.float32)  # GEMV: sum(x) * szeros
     for t in range(per_split * pid_k, t_end):
         k0 = t * KT
-        main_a, main_b, hi = _tile_words(qw_ptr, t, BITS, K, offs_n, mask_n, N)
+        main_a, main_b, hi = _tile_words(qw_ptr, t, BITS, K, offs_n, mask_n, N, SWAP)
         # per-group state, (re)set at each group's first chunk (defined here: static-if scoping)
-        s = tl.zeros((1, BLOCK_N), dtype=tl.float32)
-        z = tl.zeros((1, BLOCK_N), dtype=tl.float32)
-        part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        sum_x = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # GEMV: sum of the group's x
-        sum_xz = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # SCALED: x @ ones, on the tensor cores
+        s = tl.zeros((S0, S1), dtype=tl.float32)
+        z = tl.zeros((S0, S1), dtype=tl.float32)
+        part = tl.zeros((A0, A1), dtype=tl.float32)
+        sum_x = tl.zeros((X0, X1), dtype=tl.float32)  # GEMV, SWAP: the group's sum of x
+        sum_xz = tl.zeros((A0, A1), dtype=tl.float32)  # SCALED: x @ ones, on the tensor cores
         for c in tl.static_range(KT // 16):
             offs_k = k0 + c * 16 + r16
             q = _chunk_codes(main_a, main_b, hi, c, BITS)  # (unused by the scaled mode's PTX path: eliminated)
             if c % CPG == 0:  # first chunk of a group
-                s = _group_row(s_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N)
-                z = _group_row(z_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N)
-                part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-                sum_x = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
-                sum_xz = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+                s = _group_row(s_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N, SWAP)
+                z = _group_row(z_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N, SWAP)
+                part = tl.zeros((A0, A1), dtype=tl.float32)
+                sum_x = tl.zeros((X0, X1), dtype=tl.float32)
+                sum_xz = tl.zeros((A0, A1), dtype=tl.float32)
             if MODE == MODE_GEMV:
                 if EVEN_K:
                     xv = tl.load(x_ptr + pid_m * stride_xm + offs_k)  # pid_m < M
@@ -296,6 +321,18 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                 xv = xv.to(tl.float32)
                 part += _exact_float(q) * xv[:, None]
                 sum_x += tl.sum(xv, axis=0)
+            elif SWAP:
+                if EVEN_K:
+                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :], other=0.0)
+                else:
+                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                                 mask=mask_m[None, :] & (offs_k[:, None] < KX), other=0.0)
+                if MODE == MODE_DOT:
+                    w = (_exact_float(q) * s + z).to(DTYPE, fp_downcast_rounding="rtne")
+                    acc = _dot(w, xt, acc, DOT_F32)
+                else:
+                    part = _dot(_chunk_operand(main_a, main_b, hi, c, BITS, DTYPE, PTX), xt, part, DOT_F32)
+                    sum_xz = _dot(tl.full((BLOCK_N, 16), 1.0, DTYPE), xt, sum_xz, DOT_F32)
             else:
                 if EVEN_K:
                     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
@@ -316,6 +353,8 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                     acc_z += sum_x * z
     if MODE == MODE_GEMV:
         out = tl.sum(acc, axis=0)[None, :] + acc_z
+    elif SWAP:
+        out = tl.trans(acc)
     else:
         out = acc
     _store_out(out, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, ATOMIC)
@@ -363,8 +402,8 @@ def dashq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < KX), other=0.0)
         q = _gather_codes(qw_ptr, k0, BLOCK_K, BITS, K, offs_n, mask_n, N)
-        s = _group_row(s_ptr, k0, GROUP, offs_n, mask_n, N)
-        z = _group_row(z_ptr, k0, GROUP, offs_n, mask_n, N)
+        s = _group_row(s_ptr, k0, GROUP, offs_n, mask_n, N, False)
+        z = _group_row(z_ptr, k0, GROUP, offs_n, mask_n, N, False)
         if SCALED:
             part = _dot(x, _magic_operand(q, DTYPE), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_F32)
             sum_x = tl.sum(x.to(tl.float32), axis=1)[:, None]
@@ -384,12 +423,12 @@ def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, 
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    main_a, main_b, hi = _tile_words(qw_ptr, t, BITS, K, offs_n, mask_n, N)
+    main_a, main_b, hi = _tile_words(qw_ptr, t, BITS, K, offs_n, mask_n, N, False)
     for c in tl.static_range(KT // 16):
         q = _chunk_codes(main_a, main_b, hi, c, BITS)
         k = t * KT + c * 16
-        s = _group_row(s_ptr, k, GROUP, offs_n, mask_n, N)
-        z = _group_row(z_ptr, k, GROUP, offs_n, mask_n, N)
+        s = _group_row(s_ptr, k, GROUP, offs_n, mask_n, N, False)
+        z = _group_row(z_ptr, k, GROUP, offs_n, mask_n, N, False)
         w = (_exact_float(q) * s + z).to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         rows = k + tl.arange(0, 16)
         tl.store(w_ptr + rows[:, None] * N + offs_n[None, :], w, mask=mask_n[None, :])
@@ -441,6 +480,14 @@ def launch_key(kernel, meta: dict, cfg: KernelConfig, args: tuple) -> tuple:
     return (kernel, tuple(meta.items()), cfg, tuple(spec(a) for a in args))
 
 
+def _mode(cfg: KernelConfig) -> int:
+    """dashq_linear_kernel's MODE of a config: its kind, or for "swap" (the swapped operands,
+    SWAP) the scaled mode or, with ``scaled=False``, dequantize-then-dot."""
+    if cfg.kind == "swap":
+        return MODES["scaled" if cfg.scaled else "dot"]
+    return MODES[cfg.kind]
+
+
 def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: int, k: int,
            cfg: KernelConfig) -> None:
     """Launch on 2-D x2 (M, KX) into y (M, n): y must be zero-filled when cfg.split_k > 1.
@@ -464,9 +511,9 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
         kernel = dashq_linear_kernel
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
-                    MODE=MODES[cfg.kind], ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET,
+                    MODE=_mode(cfg), ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET,
                     PTX=PTX_UNPACK and _PTX_PLATFORM and not _INTERPRET and x2.is_cuda,
-                    EVEN_K=kx == k)
+                    EVEN_K=kx == k, SWAP=cfg.kind == "swap")
     key = launch_key(kernel, meta, cfg, args)
     compiled = None if _INTERPRET else _COMPILED.get(key)
     if compiled is not None:

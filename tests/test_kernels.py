@@ -165,7 +165,7 @@ def test_launch_key_separates_what_a_binary_is_built_for():
 # --------------------------------------------------------------------------- the experimental PTX unpack
 
 
-def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True):
+def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, block_m=None):
     """dashq_linear_kernel compiled for sm_90 on this machine (Triton's bundled ptxas; no GPU), with
     the divisibility a real launch specialises on."""
     triton = pytest.importorskip("triton")
@@ -179,9 +179,9 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True):
     t = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
     sig = {"x_ptr": t, "qw_ptr": "*i32", "s_ptr": t, "z_ptr": t, "b_ptr": t, "y_ptr": t, "M": "i32", "N": "i32",
            "K": "i32", "KX": "i32", "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}
-    consts = dict(BITS=bits, GROUP=64, BLOCK_M=1 if mode == "gemv" else 16, BLOCK_N=128, GROUP_M=1,
+    consts = dict(BITS=bits, GROUP=64, BLOCK_M=block_m or (1 if mode == "gemv" else 16), BLOCK_N=128, GROUP_M=1,
                   MODE=MODES[mode], ATOMIC=True,
-                  HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k)
+                  HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k, SWAP=swap)
     sig.update({k: "constexpr" for k in consts})
     names = dashq_linear_kernel.arg_names
     aligned = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KX", "stride_xm", "stride_ym")
@@ -214,6 +214,26 @@ def test_ptx_unpack_compiles_for_sm90(bits, dtype):
     assert all(f", {m};" in ptx for m in masks) and f", {magic2};" in ptx, (masks, magic2)
     # the other modes ignore the flag
     assert marker not in _compile_sm90(bits, dtype, True, mode="dot").asm["ptx"]
+
+
+@pytest.mark.parametrize("bits,mode", [(2, "scaled"), (3, "scaled"), (4, "scaled"), (4, "dot")])
+def test_swap_feeds_weights_to_wgmma_from_registers(bits, mode):
+    """The "swap" kind (KERNELS.md "Mid M") exists for one compiled property on Hopper: every wgmma
+    takes its first operand, the unpacked weight tile (or the ones of the scaled mode's x sums), from
+    registers, so the weights never take a shared-memory round trip; only x^T is a shared-memory
+    descriptor. Unswapped at the same tile size, the weights are a shared-memory operand."""
+    def dots(swap):
+        ttgir = _compile_sm90(bits, torch.float16, True, mode=mode, swap=swap, block_m=64).asm["ttgir"]
+        return [line for line in ttgir.split("\n") if "ttng.warp_group_dot " in line]
+
+    swapped = dots(True)
+    assert swapped, "no wgmma: the swap kind is not using Hopper's tensor-core path"
+    for line in swapped:
+        a, b = line.split("} : ", 1)[1].split(" -> ")[0].split(" * ")
+        assert a.startswith("tensor<128x16x") and "opIdx = 0" in a, line
+        assert b.startswith("!ttg.memdesc<16x64x"), line
+    # unswapped, the weight tile (16 x BLOCK_N) is a shared-memory operand
+    assert any(" * !ttg.memdesc<16x128x" in line for line in dots(False))
 
 
 def test_ptx_unpack_default_switch_and_platforms(monkeypatch):

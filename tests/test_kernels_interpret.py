@@ -61,7 +61,8 @@ else:
         return 2 if dtype == torch.float16 else 1
 
     # (M, config): decode = BLOCK_M = 16 with split-K; gemv = CUDA-core kernel; gemm = larger tiles,
-    # grouped order, no split. "dot" dequantizes before tl.dot, "scaled" scales after it.
+    # grouped order, no split. "dot" dequantizes before tl.dot, "scaled" scales after it; "swap" puts the
+# weights first in the dot (either way).
     PATHS = {
         "decode-dot": (3, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1)),
         "decode-scaled": (5, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1, kind="scaled")),
@@ -71,6 +72,9 @@ else:
         "dequant": (20, lambda dt: KernelConfig(16, 32, kind="dequant")),
         "wide-scaled": (37, lambda dt: KernelConfig(32, 32, group_m=2, kind="wide")),
         "wide-dot": (19, lambda dt: KernelConfig(16, 32, block_k=32, kind="wide", scaled=False)),
+        # swapped operands (y^T = W^T x^T): split-K decode and an unsplit GEMM with 2 token tiles
+        "swap-scaled": (5, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1, kind="swap")),
+        "swap-dot": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2, kind="swap", scaled=False)),
     }
 
     def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
@@ -104,7 +108,7 @@ else:
         _check_path(bits, group, dtype, path, 2 * K.k_tile(bits) - 5,
                     zlib.crc32(f"{bits}{group}{dtype}{path}".encode()), (bits + group) % 2 == 0)
 
-    @pytest.mark.parametrize("path", ["decode-dot", "decode-scaled", "gemv"])
+    @pytest.mark.parametrize("path", ["decode-dot", "decode-scaled", "gemv", "swap-scaled"])
     @pytest.mark.parametrize("bits", [2, 3, 4])
     def test_triton_kernel_even_k(bits, path):
         """x exactly K wide (EVEN_K: loaded without a k mask), fp16, two K tiles."""
