@@ -79,6 +79,13 @@ SCALED_MIN_K = 256  # k per tensor-core decode program at 4/8 bits
 LOW_BIT_MIN_K = 512
 
 
+# mid M (v9 sweep on an H200, KERNELS.md v9): the swapped kind up to this M (then dequantize + cuBLAS),
+# 32/64/128-token tiles of 128 weight rows, 8 warps, split-K as at decode; within 12% of the best swept
+# config on every 8B/70B-shard shape at 2/3/4 bits except 3-bit gate_up at M = 32 (a 32-row "scaled" tile)
+SWAP_BITS = (2, 3, 4)
+SWAP_MAX_M = {2: 128, 3: 64, 4: 128}
+
+
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
                      block_n: int | None = None) -> KernelConfig:
     """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md).
@@ -86,8 +93,9 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     >= LOW_BIT_MIN_K of K per program (the inline-PTX unpack on the v7/v8 layouts made that win,
     KERNELS.md v7, v8); at 2/3-bit g32 and M = 1 the CUDA-core GEMV, >= LOW_BIT_MIN_K per program,
     narrowed to 64 columns (unless block_n is given) when 128-wide tiles cannot fill the GPU.
-    M <= 64 and N >= 4K: the "wide" GEMM; otherwise dequantize to a dense temporary + cuBLAS.
-    Split-K fills the GPU (~4 programs per SM)."""
+    Mid M at 2-4 bits (up to SWAP_MAX_M): the "swap" kind (weights as the dot's first operand), scaled
+    after the dot on 32-token tiles, dequantized before it on 64/128-token tiles; otherwise (and at
+    8 bits) dequantize to a dense temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
         if bits in (2, 3) and group >= 64:
@@ -104,8 +112,13 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
         bn = block_n or 128
         split = _split_k(-(-n // bn), k, tile, sms, SCALED_MIN_K)
         return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
-    if m <= 64 and n >= 4 * k:  # v5 sweep: the "wide" GEMM wins on wide-N shapes (gate_up)
-        return KernelConfig(64, 64, num_warps=4, num_stages=3, kind="wide", block_k=128)
+    if bits in SWAP_BITS and m <= SWAP_MAX_M[bits]:
+        if bits == 3 and m <= 32 and n >= 3 * k:  # 3-bit gate_up at M <= 32: unswapped 32-row tiles
+            return KernelConfig(32, 128, num_warps=4, num_stages=3, kind="scaled")
+        bm = 32 if m <= 32 else (64 if m <= 64 else 128)
+        split = _split_k(-(-m // bm) * -(-n // 128), k, k_tile(bits), sms, LOW_BIT_MIN_K)
+        return KernelConfig(bm, 128, split_k=split, group_m=8, num_warps=8,
+                            num_stages=2 if bits == 3 or bm == 128 else 3, kind="swap", scaled=bm == 32)
     return KernelConfig(128, 128, kind="dequant")
 
 

@@ -303,7 +303,7 @@ def test_committed_tuned_tables_load(path, monkeypatch):
         # tables tuned on older layouts may split K finer than today's K tiles: launch() caps it
         fitted = C.fit_config(cfg, K.padded_k(k, bits), group, bits, torch.float16)
         assert 1 <= fitted.split_k <= K.padded_k(k, bits) // K.k_tile(bits), (key, cfg)
-        assert cfg.kind in ("dot", "scaled", "gemv", "wide", "dequant"), (key, cfg)
+        assert cfg.kind in ("dot", "scaled", "gemv", "wide", "dequant", "swap"), (key, cfg)
         assert cfg.block_n in (32, 64, 128, 256) and cfg.split_k >= 1 and cfg.num_warps in (1, 2, 4, 8, 16)
         if bucket <= C.DECODE_MAX_M:
             assert cfg.kind in ("dot", "scaled", "gemv"), (key, cfg)
@@ -348,6 +348,32 @@ def test_heuristic_m1_low_bit_picks(bits, group):
     assert small.kind == kind and small.split_k >= 1 and small.block_n in (64, 128)
     four = C.heuristic_config(1, 6144, 4096, 4, 128, sms=132)
     assert (four.kind, four.block_n, four.split_k) == ("scaled", 128, 16)
+
+
+# (bits, M, K, N) -> (kind, block_m, scaled, split_k) of the heuristic at mid M: the v9 H200 sweep's rule
+# (benchmarks/results/kernels_v9_sweep.json; each within 12% of that shape's best swept config)
+MID_M_H200 = {
+    (4, 64, 4096, 28672): ("swap", 64, False, 4), (4, 32, 14336, 4096): ("swap", 32, True, 16),
+    (4, 128, 4096, 4096): ("swap", 128, False, 8), (2, 64, 4096, 28672): ("swap", 64, False, 4),
+    (2, 128, 4096, 6144): ("swap", 128, False, 8), (3, 64, 14336, 4096): ("swap", 64, False, 16),
+    (3, 32, 4096, 28672): ("scaled", 32, True, 1), (3, 32, 8192, 28672): ("scaled", 32, True, 1),
+    (3, 128, 4096, 28672): ("dequant", 128, True, 1), (4, 256, 4096, 28672): ("dequant", 128, True, 1),
+    (8, 64, 4096, 4096): ("dequant", 128, True, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MID_M_H200))
+def test_heuristic_mid_m(case):
+    """Mid M: the swapped kind (32/64/128-token tiles, scaled only on 32-token ones, split-K as at
+    decode) up to M = 128 at 2/4 bits and 64 at 3 bits, except 3-bit gate_up at M <= 32; then (and at
+    8 bits) dequantize + cuBLAS."""
+    from dashq_vllm.kernels import configs as C
+
+    bits, m, k, n = case
+    cfg = C.heuristic_config(m, n, k, bits, 128 if bits != 2 else 64, sms=132)
+    assert (cfg.kind, cfg.block_m, cfg.scaled, cfg.split_k) == MID_M_H200[case], cfg
+    if cfg.kind == "swap":
+        assert cfg.block_n == 128 and cfg.num_warps == 8 and k // cfg.split_k >= C.LOW_BIT_MIN_K
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
