@@ -17,9 +17,9 @@ registers. Each chunk is consumed by one of three MODEs:
 
 Config kind "swap" (mid M) runs the same kernel with the operands swapped (SWAP): y^T = W^T x^T,
 so the unpacked (BLOCK_N, 16) weight tile is the dot's first operand (on Hopper wgmma's register A
-operand: no shared-memory round trip) and x^T its second; scaled after the dot (x's group sums also on
-the tensor cores, as ones @ x^T) or dequantized before it. Config kind "wide" (an older mid-M GEMM) runs ``dashq_gemm_kernel`` instead: each K step gathers a
-whole (BLOCK_K, BLOCK_N) code tile at once (every word read once per code it holds; the repeats
+operand: no shared-memory round trip) and x^T its second; scaled after the dot (x's group sums also
+on the tensor cores, as ones @ x^T) or dequantized before it. Config kind "wide" (an older mid-M
+GEMM) runs ``dashq_gemm_kernel`` instead: each K step gathers a whole (BLOCK_K, BLOCK_N) code tile at once (every word read once per code it holds; the repeats
 hit L1) so one ``tl.dot`` covers BLOCK_K <= group k, scaled afterwards as in MODE_SCALED (or
 dequantized before the dot as in MODE_DOT). Config kind "dequant" (large M) instead writes the
 dense weight once (``dashq_dequant_kernel``) and hands it to cuBLAS.
@@ -241,6 +241,34 @@ def _dot(x, w, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _x_tile(x_ptr, offs_m, offs_k, mask_m, stride_xm, KX, EVEN_K: tl.constexpr, SWAP: tl.constexpr):
+    """x's (BLOCK_M, 16) tile of rows offs_m and columns offs_k (SWAP: x^T, (16, BLOCK_M)); rows past
+    M are zero, and so are columns past KX unless EVEN_K says there are none."""
+    if SWAP:
+        mask = mask_m[None, :]
+        if not EVEN_K:
+            mask = mask & (offs_k[:, None] < KX)
+        xo = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask, other=0.0)
+    else:
+        mask = mask_m[:, None]
+        if not EVEN_K:
+            mask = mask & (offs_k[None, :] < KX)
+        xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    return xo
+
+
+@triton.jit
+def _mma(xo, w, acc, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + x @ w, or with SWAP acc + w @ x^T (xo and w as :func:`_x_tile` and the word tiles are laid
+    out): the weights are the dot's first operand."""
+    if SWAP:
+        out = _dot(w, xo, acc, DOT_F32)
+    else:
+        out = _dot(xo, w, acc, DOT_F32)
+    return out
+
+
+@triton.jit
 def _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr,
                ATOMIC: tl.constexpr):
     """Add the bias (first K split only), round to y's dtype, store or atomically accumulate."""
@@ -281,8 +309,6 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
     A1: tl.constexpr = BLOCK_M if SWAP else BLOCK_N
     S0: tl.constexpr = BLOCK_N if SWAP else 1  # scale rows and columns (S0, S1)
     S1: tl.constexpr = 1 if SWAP else BLOCK_N
-    X0: tl.constexpr = 1 if SWAP else BLOCK_M  # the group's sum of x: (X0, X1)
-    X1: tl.constexpr = BLOCK_M if SWAP else 1
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
 
@@ -305,8 +331,8 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
         s = tl.zeros((S0, S1), dtype=tl.float32)
         z = tl.zeros((S0, S1), dtype=tl.float32)
         part = tl.zeros((A0, A1), dtype=tl.float32)
-        sum_x = tl.zeros((X0, X1), dtype=tl.float32)  # GEMV, SWAP: the group's sum of x
-        sum_xz = tl.zeros((A0, A1), dtype=tl.float32)  # SCALED: x @ ones, on the tensor cores
+        sum_x = tl.zeros((BLOCK_M, 1), dtype=tl.float32)  # GEMV: sum of the group's x
+        sum_xz = tl.zeros((A0, A1), dtype=tl.float32)  # SCALED: x @ ones (SWAP: ones @ x^T), on the tensor cores
         for c in tl.static_range(KT // 16):
             offs_k = k0 + c * 16 + r16
             q = _chunk_codes(main_a, main_b, hi, c, BITS)  # (unused by the scaled mode's PTX path: eliminated)
@@ -314,7 +340,7 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                 s = _group_row(s_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N, SWAP)
                 z = _group_row(z_ptr, k0 + c * 16, GROUP, offs_n, mask_n, N, SWAP)
                 part = tl.zeros((A0, A1), dtype=tl.float32)
-                sum_x = tl.zeros((X0, X1), dtype=tl.float32)
+                sum_x = tl.zeros((BLOCK_M, 1), dtype=tl.float32)
                 sum_xz = tl.zeros((A0, A1), dtype=tl.float32)
             if MODE == MODE_GEMV:
                 if EVEN_K:
@@ -324,30 +350,14 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                 xv = xv.to(tl.float32)
                 part += _exact_float(q) * xv[:, None]
                 sum_x += tl.sum(xv, axis=0)
-            elif SWAP:
-                if EVEN_K:
-                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=mask_m[None, :], other=0.0)
-                else:
-                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                                 mask=mask_m[None, :] & (offs_k[:, None] < KX), other=0.0)
-                if MODE == MODE_DOT:
-                    w = (_exact_float(q) * s + z).to(DTYPE, fp_downcast_rounding="rtne")
-                    acc = _dot(w, xt, acc, DOT_F32)
-                else:
-                    part = _dot(_chunk_operand(main_a, main_b, hi, c, BITS, DTYPE, PTX), xt, part, DOT_F32)
-                    sum_xz = _dot(tl.full((BLOCK_N, 16), 1.0, DTYPE), xt, sum_xz, DOT_F32)
             else:
-                if EVEN_K:
-                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-                else:
-                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                                mask=mask_m[:, None] & (offs_k[None, :] < KX), other=0.0)
+                xo = _x_tile(x_ptr, offs_m, offs_k, mask_m, stride_xm, KX, EVEN_K, SWAP)
                 if MODE == MODE_DOT:
                     w = (_exact_float(q) * s + z).to(DTYPE, fp_downcast_rounding="rtne")
-                    acc = _dot(x, w, acc, DOT_F32)
+                    acc = _mma(xo, w, acc, SWAP, DOT_F32)
                 else:
-                    part = _dot(x, _chunk_operand(main_a, main_b, hi, c, BITS, DTYPE, PTX), part, DOT_F32)
-                    sum_xz = _dot(x, tl.full((16, BLOCK_N), 1.0, DTYPE), sum_xz, DOT_F32)
+                    part = _mma(xo, _chunk_operand(main_a, main_b, hi, c, BITS, DTYPE, PTX), part, SWAP, DOT_F32)
+                    sum_xz = _mma(xo, tl.full(main_a.shape, 1.0, DTYPE), sum_xz, SWAP, DOT_F32)
             if (c + 1) % CPG == 0:  # last chunk of a group: apply its scale
                 if MODE == MODE_SCALED:
                     acc += part * s + sum_xz * (z - MAGIC * s)
