@@ -116,9 +116,11 @@ else:
         kw = _check_path(bits, 64, torch.float16, path, k_in, zlib.crc32(f"even{bits}{path}".encode()), False)
         assert kw.k == k_in
 
-    @pytest.mark.parametrize("m", [1, 16, 17])
+    @pytest.mark.parametrize("m", [1, 16, 17, 70])
     def test_triton_linear_entry_point(m):
-        """The op's CUDA function (default configs, output allocation, leading dims) on CPU tensors."""
+        """The op's CUDA function (default configs, output allocation, leading dims) on CPU tensors:
+        decode (1, 16), the swapped GEMM scaled on 32-token tiles (17) and dequantizing on 128-token
+        tiles (70)."""
         spec, t = random_module(4, 128, 48, 256, seed=m)
         kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float16)
         x = torch.randn(1, m, 256).to(torch.float16)
