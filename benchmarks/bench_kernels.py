@@ -297,6 +297,7 @@ def check_plan(quick=False, bits_list=(2, 3, 4, 8)):
                          for name, m, cfg in cases]
                 if bits == 4 and group == 128:
                     cases.append(("dequant-cublas", 300, KernelConfig(128, 128, kind="dequant")))
+                    cases.append(("dequant-nk-cublas", 300, KernelConfig(128, 128, kind="dequant", nk=True)))
                 yield bits, group, dt, has_bias, cases
 
 
@@ -566,6 +567,7 @@ def sweep_candidates(m, n, k, bits, group, sms):
         yield KernelConfig(64, 128, num_warps=4, num_stages=3, kind="wide", scaled=False)
     else:
         yield KernelConfig(128, 128, kind="dequant")
+        yield KernelConfig(128, 128, kind="dequant", nk=True)  # cuBLAS on F.linear's layout
         yield from swap_candidates(m, n, k, bits, group, sms)
         for bm, bn, warps, kind in ((16, 128, 4, "scaled"), (32, 128, 4, "scaled"), (32, 128, 4, "dot"),
                                     (64, 128, 4, "dot"), (128, 128, 8, "dot"), (128, 256, 8, "dot"),

@@ -429,9 +429,9 @@ def dashq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
 
 @triton.jit
 def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS).
-    grid = (K / KT, N tiles), KT = layout.k_tile(BITS)."""
+                         BLOCK_N: tl.constexpr, NK: tl.constexpr):
+    """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS); NK: stored
+    transposed, as W^T[N, K]. grid = (K / KT, N tiles), KT = layout.k_tile(BITS)."""
     KT: tl.constexpr = 32 * _plane_rows(BITS, 1) if BITS == 3 else 32 * _plane_rows(BITS, BITS) // BITS  # layout.k_tile
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -444,18 +444,22 @@ def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, 
         z = _group_row(z_ptr, k, GROUP, offs_n, mask_n, N, False)
         w = (_exact_float(q) * s + z).to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         rows = k + tl.arange(0, 16)
-        tl.store(w_ptr + rows[:, None] * N + offs_n[None, :], w, mask=mask_n[None, :])
+        if NK:
+            tl.store(w_ptr + offs_n[None, :] * K + rows[:, None], w, mask=mask_n[None, :])
+        else:
+            tl.store(w_ptr + rows[:, None] * N + offs_n[None, :], w, mask=mask_n[None, :])
 
 
 # --------------------------------------------------------------------------- host side
 
 
-def dequantize_dense(qweight, scales, szeros, bits: int, group_size: int, n: int, k: int, dtype, block_n=128):
-    """Dense (k, n) weight in ``dtype`` from the kernel layout (one Triton pass)."""
-    w = torch.empty((k, n), dtype=dtype, device=qweight.device)
+def dequantize_dense(qweight, scales, szeros, bits: int, group_size: int, n: int, k: int, dtype, block_n=128,
+                     nk: bool = False):
+    """Dense (k, n) weight in ``dtype`` from the kernel layout (one Triton pass); nk: (n, k) instead."""
+    w = torch.empty((n, k) if nk else (k, n), dtype=dtype, device=qweight.device)
     grid = (k // k_tile(bits), triton.cdiv(n, block_n))
     dashq_dequant_kernel[grid](qweight, scales, szeros, w, n, k, BITS=bits, GROUP=group_size, BLOCK_N=block_n,
-                               num_warps=4)
+                               NK=nk, num_warps=4)
     return w
 
 
@@ -463,7 +467,8 @@ def _dequant_matmul(x2, qweight, scales, szeros, bias, y, bits, group_size, n, k
     """Large M: dequantize to a temporary dense weight, then cuBLAS (the one path that allocates
     besides the output: k * n * 2 bytes, through PyTorch's caching allocator, so graph-safe)."""
     kx = x2.shape[1]
-    w = dequantize_dense(qweight, scales, szeros, bits, group_size, n, k, x2.dtype, cfg.block_n)[:kx]
+    w = dequantize_dense(qweight, scales, szeros, bits, group_size, n, k, x2.dtype, cfg.block_n, cfg.nk)
+    w = w[:, :kx].t() if cfg.nk else w[:kx]  # (kx, n) either way; nk: cuBLAS sees F.linear's layout
     if bias is None:
         torch.mm(x2, w, out=y)
     else:

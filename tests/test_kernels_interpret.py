@@ -70,6 +70,7 @@ else:
         "gemm-dot": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2)),
         "gemm-scaled": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2, kind="scaled")),
         "dequant": (20, lambda dt: KernelConfig(16, 32, kind="dequant")),
+        "dequant-nk": (20, lambda dt: KernelConfig(16, 32, kind="dequant", nk=True)),
         "wide-scaled": (37, lambda dt: KernelConfig(32, 32, group_m=2, kind="wide")),
         "wide-dot": (19, lambda dt: KernelConfig(16, 32, block_k=32, kind="wide", scaled=False)),
         # swapped operands (y^T = W^T x^T): split-K decode and an unsplit GEMM with 2 token tiles
