@@ -274,6 +274,8 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     "swap-decode": (5, KernelConfig(16, 64, split_k=4, group_m=1, kind="swap")),
     "swap-64": (70, KernelConfig(64, 128, split_k=2, num_warps=4, num_stages=2, kind="swap")),
     "swap-dot-128": (200, KernelConfig(128, 64, num_warps=4, num_stages=2, kind="swap", scaled=False)),
+    "swap-dot-half-128": (200, KernelConfig(128, 64, num_warps=4, num_stages=2, kind="swap", scaled=False,
+                                            half_dq=True)),
 }
 
 
@@ -581,8 +583,8 @@ def sweep_candidates(m, n, k, bits, group, sms):
 def swap_candidates(m, n, k, bits, group, sms):
     """Mid-M configs of the swapped kind (weights as the dot's first operand, KERNELS.md "Mid M"):
     token tiles of 32 (M <= 64), 64 and 128 (M >= 64), 64/128 weight rows, scaled after the dot
-    (token tiles <= 64) and/or dequantized before it (>= 64), split-K to ~4 programs per SM (>= 512 k
-    per program) or none."""
+    (token tiles <= 64) and/or dequantized before it (>= 64; in float32 or, half_dq, in fp16), split-K
+    to ~4 programs per SM (>= 512 k per program) or none."""
     from dashq_vllm.kernels.configs import _split_k
 
     if m >= 4096:
@@ -599,8 +601,10 @@ def swap_candidates(m, n, k, bits, group, sms):
                 if (scaled and bm > 64) or (not scaled and bm < 64):
                     continue
                 for sk in sorted({1, split}):
-                    yield KernelConfig(bm, bn, split_k=sk, group_m=8, num_warps=warps,
-                                       num_stages=2 if bits == 3 or bm == 128 else 3, kind="swap", scaled=scaled)
+                    for half in ((False,) if scaled else (False, True)):  # half_dq: the dot mode in fp16
+                        yield KernelConfig(bm, bn, split_k=sk, group_m=8, num_warps=warps,
+                                           num_stages=2 if bits == 3 or bm == 128 else 3, kind="swap", scaled=scaled,
+                                           half_dq=half)
 
 
 def covered_buckets(m, m_list):

@@ -43,6 +43,8 @@ class KernelConfig:
     # Hopper), raw codes scaled per group (or, with scaled=False, dequantized before the dot)
     block_k: int = 0  # "wide": k per step (0: min(64, group)); divides 128, at most the group size
     scaled: bool = True  # "wide", "swap": scale after the dot (raw codes as exact halves) or dequantize before
+    half_dq: bool = False  # "dot", "swap" with scaled=False, fp16 x only: dequantize as q * s + z in fp16 (packed
+    # HFMA2) from the PTX-unpacked codes instead of float32 FMAs
     nk: bool = False  # "dequant": write the dense weight as (N, K), F.linear's layout, instead of (K, N) (cuBLAS
     # is 1.5-1.6x faster that way on gate_up shapes at M = 128 on an H200; results/cublas_layout_h200.json)
 

@@ -165,7 +165,7 @@ def test_launch_key_separates_what_a_binary_is_built_for():
 # --------------------------------------------------------------------------- the experimental PTX unpack
 
 
-def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, block_m=None):
+def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, block_m=None, half_dq=False):
     """dashq_linear_kernel compiled for sm_90 on this machine (Triton's bundled ptxas; no GPU), with
     the divisibility a real launch specialises on."""
     triton = pytest.importorskip("triton")
@@ -181,7 +181,8 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, bloc
            "K": "i32", "KX": "i32", "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}
     consts = dict(BITS=bits, GROUP=64, BLOCK_M=block_m or (1 if mode == "gemv" else 16), BLOCK_N=128, GROUP_M=1,
                   MODE=MODES[mode], ATOMIC=True,
-                  HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k, SWAP=swap)
+                  HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k, SWAP=swap,
+                  HALF_DQ=half_dq)
     sig.update({k: "constexpr" for k in consts})
     names = dashq_linear_kernel.arg_names
     aligned = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KX", "stride_xm", "stride_ym")
@@ -234,6 +235,21 @@ def test_swap_feeds_weights_to_wgmma_from_registers(bits, mode):
         assert b.startswith("!ttg.memdesc<16x64x"), line
     # unswapped, the weight tile (16 x BLOCK_N) is a shared-memory operand
     assert any(" * !ttg.memdesc<16x128x" in line for line in dots(False))
+
+
+def test_half_dequant_compiles_to_half_fmas():
+    """KernelConfig.half_dq (HALF_DQ): the dot mode dequantizes with fp16 FMAs from the PTX-unpacked
+    operand, so no float32 FMA is left in the kernel; without it, one float32 FMA per weight."""
+    import re
+
+    def fmas(half):
+        ptx = _compile_sm90(4, torch.float16, True, mode="dot", swap=True, block_m=64, half_dq=half).asm["ptx"]
+        return len(re.findall(r"fma\.rn\.f32", ptx)), len(re.findall(r"fma\.rn\.f16", ptx))
+
+    f32, f16 = fmas(True)
+    assert f32 == 0 and f16 > 0, (f32, f16)
+    f32, f16 = fmas(False)
+    assert f32 > 0 and f16 == 0, (f32, f16)
 
 
 def test_ptx_unpack_default_switch_and_platforms(monkeypatch):

@@ -76,6 +76,9 @@ else:
         # swapped operands (y^T = W^T x^T): split-K decode and an unsplit GEMM with 2 token tiles
         "swap-scaled": (5, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1, kind="swap")),
         "swap-dot": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2, kind="swap", scaled=False)),
+        # fp16 dequantization from the magic operand (bf16 x ignores half_dq)
+        "swap-dot-half": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2, kind="swap", scaled=False,
+                                                      half_dq=True)),
     }
 
     def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
