@@ -1,8 +1,10 @@
 """Does cuBLAS care which way the dequantized weight is laid out? Times x @ W for fp16 W stored (K, N)
-(what the "dequant" path writes today: torch.mm(x, W)) and (N, K) (what F.linear / the fp16 baseline
-uses: x @ W^T), inside CUDA-graph replays, for Llama-3-8B's and the 70B shard's shapes at M = 128-1024.
+(the "dequant" kind's default: torch.mm(x, W)) and (N, K) (its ``nk`` option and F.linear, the fp16
+baseline: x @ W^T) inside CUDA-graph replays (bench_kernels.graph_ms), on bench_kernels' shapes
+(Llama-3-8B's linears and the 70B shard) at M = 128-1024.
 
-    python3 benchmarks/cublas_layout.py --out DIR     # on a GPU; writes DIR/cublas_layout.json
+    python3 -m dashq_vllm.benchmarks.cublas_layout --out DIR   # on a GPU, package installed
+(results/cublas_layout_h200.json was measured with an equivalent inline graph timer, 20 calls per graph)
 """
 
 from __future__ import annotations
@@ -14,31 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(4096, 6144, "qkv"), (4096, 4096, "o"), (4096, 28672, "gate_up"), (14336, 4096, "down"),
-          (8192, 28672, "70b_gate_up_shard")]
-
-
-def graph_us(fn, reps=20):
-    """Per-call GPU time of fn inside one CUDA graph of `reps` calls (median of 5 replays)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(times)[2]
+from dashq_vllm.benchmarks.bench_kernels import SHAPES, graph_ms  # the kernel benchmark's shapes and timer
 
 
 def main():
@@ -53,8 +31,8 @@ def main():
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             y = torch.empty(m, n, device="cuda", dtype=torch.float16)
-            kn = graph_us(lambda: torch.mm(x, w_kn, out=y))
-            nk = graph_us(lambda: F.linear(x, w_nk))
+            kn = graph_ms([lambda: torch.mm(x, w_kn, out=y)], reps=20) * 1e3
+            nk = graph_ms([lambda: F.linear(x, w_nk)], reps=20) * 1e3
             rows.append(dict(shape=name, k=k, n=n, m=m, kn_us=kn, nk_us=nk))
             print(f"{name:>17} M={m:<5} W(K,N) {kn:7.1f} us  W(N,K) {nk:7.1f} us  ratio {kn / nk:4.2f}", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -302,7 +302,7 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
     (BLOCK_N, 16), the activations the second (16, BLOCK_M), so on Hopper the unpacked weights feed
     wgmma from registers and only x goes through shared memory (KERNELS.md "Mid M").
     HALF_DQ (MODE_DOT, fp16 x): dequantize in packed half precision from the scaled mode's (PTX)
-    operand instead of float32 FMAs (sm_90: 24-40% fewer loop instructions; KERNELS.md v9)."""
+    operand instead of float32 FMAs (sm_90: 22-40% fewer loop instructions; KERNELS.md v9)."""
     KT: tl.constexpr = 32 * _plane_rows(BITS, 1) if BITS == 3 else 32 * _plane_rows(BITS, BITS) // BITS  # K tile: one block of every plane (layout.k_tile)
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
