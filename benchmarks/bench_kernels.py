@@ -585,7 +585,7 @@ def swap_candidates(m, n, k, bits, group, sms):
     token tiles of 32 (M <= 64), 64 and 128 (M >= 64), 64/128 weight rows, scaled after the dot
     (token tiles <= 64) and/or dequantized before it (>= 64; in float32 or, half_dq, in fp16), split-K
     to ~4 programs per SM (>= 512 k per program) or none."""
-    from dashq_vllm.kernels.configs import _split_k
+    from dashq_vllm.kernels.configs import LOW_BIT_MIN_K, _split_k, swap_stages
 
     if m >= 4096:
         return
@@ -596,15 +596,14 @@ def swap_candidates(m, n, k, bits, group, sms):
         for bn, warps in ((64, 4), (128, 4), (128, 8)):
             if bm == 128 and (bn, warps) == (128, 4):  # three 128 x 128 accumulators spill at 4 warps
                 continue
-            split = _split_k(-(-m // bm) * -(-n // bn), k, tile, sms, 512)
+            split = _split_k(-(-m // bm) * -(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
             for scaled in (True, False):
                 if (scaled and bm > 64) or (not scaled and bm < 64):
                     continue
                 for sk in sorted({1, split}):
                     for half in ((False,) if scaled else (False, True)):  # half_dq: the dot mode in fp16
                         yield KernelConfig(bm, bn, split_k=sk, group_m=8, num_warps=warps,
-                                           num_stages=2 if bits == 3 or bm == 128 else 3, kind="swap", scaled=scaled,
-                                           half_dq=half)
+                                           num_stages=swap_stages(bits, bm), kind="swap", scaled=scaled, half_dq=half)
 
 
 def covered_buckets(m, m_list):

@@ -90,6 +90,12 @@ SWAP_BITS = (2, 3, 4)
 SWAP_MAX_M = {2: 128, 3: 64, 4: 128}
 
 
+def swap_stages(bits: int, block_m: int) -> int:
+    """Pipeline stages of a "swap" config: 2 where 3 would not fit shared memory or registers well
+    (3 bits' 512-k tile buffers 32 x^T loads per stage; 128-token tiles), else 3 (KERNELS.md v9)."""
+    return 2 if bits == 3 or block_m == 128 else 3
+
+
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
                      block_n: int | None = None) -> KernelConfig:
     """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md).
@@ -121,8 +127,8 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
             return KernelConfig(32, 128, num_warps=4, num_stages=3, kind="scaled")
         bm = 32 if m <= 32 else (64 if m <= 64 else 128)
         split = _split_k(-(-m // bm) * -(-n // 128), k, k_tile(bits), sms, LOW_BIT_MIN_K)
-        return KernelConfig(bm, 128, split_k=split, group_m=8, num_warps=8,
-                            num_stages=2 if bits == 3 or bm == 128 else 3, kind="swap", scaled=bm == 32)
+        return KernelConfig(bm, 128, split_k=split, group_m=8, num_warps=8, num_stages=swap_stages(bits, bm),
+                            kind="swap", scaled=bm == 32)
     return KernelConfig(128, 128, kind="dequant")
 
 

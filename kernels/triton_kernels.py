@@ -19,9 +19,10 @@ Config kind "swap" (mid M) runs the same kernel with the operands swapped (SWAP)
 so the unpacked (BLOCK_N, 16) weight tile is the dot's first operand (on Hopper wgmma's register A
 operand: no shared-memory round trip) and x^T its second; scaled after the dot (x's group sums also
 on the tensor cores, as ones @ x^T) or dequantized before it. Config kind "wide" (an older mid-M
-GEMM) runs ``dashq_gemm_kernel`` instead: each K step gathers a whole (BLOCK_K, BLOCK_N) code tile at once (every word read once per code it holds; the repeats
-hit L1) so one ``tl.dot`` covers BLOCK_K <= group k, scaled afterwards as in MODE_SCALED (or
-dequantized before the dot as in MODE_DOT). Config kind "dequant" (large M) instead writes the
+GEMM) runs ``dashq_gemm_kernel`` instead: each K step gathers a whole (BLOCK_K, BLOCK_N) code
+tile at once (every word read once per code it holds; the repeats hit L1) so one ``tl.dot`` covers
+BLOCK_K <= group k, scaled afterwards as in MODE_SCALED (or dequantized before the dot as in
+MODE_DOT). Config kind "dequant" (large M) instead writes the
 dense weight once (``dashq_dequant_kernel``) and hands it to cuBLAS.
 
 The decode path (M <= 16) uses BLOCK_M = 16 (or GEMV), narrow N tiles and split-K over the grid's
