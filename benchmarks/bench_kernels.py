@@ -274,6 +274,7 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     "swap-decode": (5, KernelConfig(16, 64, split_k=4, group_m=1, kind="swap")),
     "swap-64": (70, KernelConfig(64, 128, split_k=2, num_warps=4, num_stages=2, kind="swap")),
     "swap-dot-128": (200, KernelConfig(128, 64, num_warps=4, num_stages=2, kind="swap", scaled=False)),
+    "swap-dot-256": (300, KernelConfig(256, 128, num_warps=8, num_stages=1, kind="swap", scaled=False)),
     "swap-dot-half-128": (200, KernelConfig(128, 64, num_warps=4, num_stages=2, kind="swap", scaled=False,
                                             half_dq=True)),
 }
@@ -582,19 +583,19 @@ def sweep_candidates(m, n, k, bits, group, sms):
 
 def swap_candidates(m, n, k, bits, group, sms):
     """Mid-M configs of the swapped kind (weights as the dot's first operand, KERNELS.md "Mid M"):
-    token tiles of 32 (M <= 64), 64 and 128 (M >= 64), 64/128 weight rows, scaled after the dot
-    (token tiles <= 64) and/or dequantized before it (>= 64; in float32 or, half_dq, in fp16), split-K
-    to ~4 programs per SM (>= 512 k per program) or none."""
+    token tiles of 32 (M <= 64), 64 and 128 (M >= 64), 256 (M >= 256), 64/128 weight rows, scaled after
+    the dot (token tiles <= 64) and/or dequantized before it (>= 64; in float32 or, half_dq, in fp16),
+    split-K to ~4 programs per SM (>= 512 k per program) or none."""
     from dashq_vllm.kernels.configs import LOW_BIT_MIN_K, _split_k, swap_stages
 
     if m >= 4096:
         return
     tile = K.k_tile(bits)
-    for bm in (32, 64, 128):
+    for bm in (32, 64, 128, 256):
         if bm > max(32, m) or (bm == 32 and m > 64):
             continue
         for bn, warps in ((64, 4), (128, 4), (128, 8)):
-            if bm == 128 and (bn, warps) == (128, 4):  # three 128 x 128 accumulators spill at 4 warps
+            if bm >= 128 and (bn, warps) == (128, 4):  # three 128 x 128 accumulators spill at 4 warps
                 continue
             split = _split_k(-(-m // bm) * -(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
             for scaled in (True, False):

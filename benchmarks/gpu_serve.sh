@@ -111,23 +111,26 @@ case "$step" in
       --sweep-shapes ${TUNE_SHAPES:-qkv,o,gate_up,down,70b_qkv,70b_o,70b_gate_up,70b_down,q15_qkv,q15_o,q15_gate_up,q15_down} \
       || echo "tune: stopped"
     tail -n 5 /tmp/results/k/kernels_tune.log ;;
-  midm)  # v9 (KERNELS.md "Mid M"): `midm check` (every bits x group x dtype x path, swap included), then
-         # `midm sweep`: M = 16-512 on the 8B shapes and the 70B shard, the swapped kind against the others, merged
-         # (buckets 32-512) into the committed table as /tmp/results/k/tuned.json (later steps use it), then
-         # `midm bench`: that table against fp16 cuBLAS, CUDA graphs up to M = 256
+  midm)  # v9/v10 (KERNELS.md "Mid M"): `midm check` (every bits (MIDM_CHECK_BITS) x group x dtype x path,
+         # swap included), then `midm sweep`: M = 16-1024 on the 8B shapes and the 70B shard, the swapped kind
+         # against the others, merged (buckets 32-1024) into the committed table as /tmp/results/k/tuned.json
+         # (later steps use it), then `midm bench`: that table against fp16 cuBLAS, CUDA graphs up to M = 256
     mkdir -p /tmp/results/k
+    tag=${MIDM_TAG:-v10}
     case "${1:-check}" in
       check) timeout -s INT ${MIDM_TIMEOUT:-500} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
-               --sections info,check --tag _v9_check || echo "midm check: stopped" ;;
+               --sections info,check --check-bits ${MIDM_CHECK_BITS:-2,3,4,8} --tag _${tag}_check \
+               || echo "midm check: stopped" ;;
       sweep) timeout -s INT ${MIDM_TIMEOUT:-540} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
-               --sections info,sweep --sweep-m ${MIDM_M:-16,32,64,128,256,512} --sweep-bits 4:128,3:128,2:64 \
-               --sweep-shapes ${MIDM_SHAPES:-qkv,o,gate_up,down,70b_gate_up_shard} --sweep-keep-buckets 32,64,128,256,512 \
-               --sweep-budget-s ${MIDM_BUDGET_S:-420} --tag _v9_sweep || echo "midm sweep: stopped"
-             cp /tmp/results/k/tuned.json /tmp/results/k/tuned_v9.json 2>/dev/null ;;
+               --sections info,sweep --sweep-m ${MIDM_M:-16,32,64,128,256,512,1024} --sweep-bits 4:128,3:128,2:64 \
+               --sweep-shapes ${MIDM_SHAPES:-qkv,o,gate_up,down,70b_gate_up_shard} \
+               --sweep-keep-buckets ${MIDM_KEEP:-32,64,128,256,512,1024} \
+               --sweep-budget-s ${MIDM_BUDGET_S:-420} --tag _${tag}_sweep || echo "midm sweep: stopped"
+             cp /tmp/results/k/tuned.json /tmp/results/k/tuned_${tag}.json 2>/dev/null ;;
       bench) use_tuned_table
              timeout -s INT ${MIDM_TIMEOUT:-540} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
-               --sections info,bench,graph --bench-m ${MIDM_BENCH_M:-1,16,32,64,128,256,512,1024} --tag _v9_bench \
-               || echo "midm bench: stopped" ;;
+               --sections info,bench,graph --bench-m ${MIDM_BENCH_M:-1,16,32,64,128,256,512,1024} \
+               --tag _${tag}_bench || echo "midm bench: stopped" ;;
     esac ;;
   kernels)  # v5: sweep the "wide" GEMM against dequant + cuBLAS at mid/large M, check, bench
     mkdir -p /tmp/results/k

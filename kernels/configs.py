@@ -90,10 +90,17 @@ SWAP_BITS = (2, 3, 4)
 SWAP_MAX_M = {2: 128, 3: 64, 4: 128}
 
 
+SWAP_X_SMEM = 160 * 1024  # bytes of x^T tiles a "swap" pipeline may buffer (an H100/H200 SM has 228 KB)
+
+
 def swap_stages(bits: int, block_m: int) -> int:
-    """Pipeline stages of a "swap" config: 2 where 3 would not fit shared memory or registers well
-    (3 bits' 512-k tile buffers 32 x^T loads per stage; 128-token tiles), else 3 (KERNELS.md v9)."""
-    return 2 if bits == 3 or block_m == 128 else 3
+    """Pipeline stages of a "swap" config: 3, or 2 at 3 bits and from 128-token tiles (registers,
+    KERNELS.md v9), fewer while the stages' x^T tiles (k_tile(bits) x block_m halves each) would not
+    fit SWAP_X_SMEM: 3 bits' 512-k tile at 128 tokens and 2 bits' 256-k tile at 256 tokens get one."""
+    stages = 2 if bits == 3 or block_m >= 128 else 3
+    while stages > 1 and stages * k_tile(bits) * block_m * 2 > SWAP_X_SMEM:
+        stages -= 1
+    return stages
 
 
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,

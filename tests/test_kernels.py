@@ -165,7 +165,8 @@ def test_launch_key_separates_what_a_binary_is_built_for():
 # --------------------------------------------------------------------------- the experimental PTX unpack
 
 
-def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, block_m=None, half_dq=False):
+def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, block_m=None, half_dq=False,
+                  num_warps=4, num_stages=3):
     """dashq_linear_kernel compiled for sm_90 on this machine (Triton's bundled ptxas; no GPU), with
     the divisibility a real launch specialises on."""
     triton = pytest.importorskip("triton")
@@ -189,7 +190,8 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, bloc
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=dashq_linear_kernel, signature=sig, constexprs=consts, attrs=attrs)
     try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:
         if "ptxas" in repr(e).lower() and "not found" in repr(e).lower():  # pragma: no cover
             pytest.skip(f"no ptxas for an ahead-of-time compile: {e!r}")
@@ -390,6 +392,21 @@ def test_heuristic_mid_m(case):
     assert (cfg.kind, cfg.block_m, cfg.scaled, cfg.split_k) == MID_M_H200[case], cfg
     if cfg.kind == "swap":
         assert cfg.block_n == 128 and cfg.num_warps == 8 and k // cfg.split_k >= C.LOW_BIT_MIN_K
+
+
+@pytest.mark.parametrize("bits,block_m", [(3, 128), (2, 256), (4, 256)])
+def test_swap_stages_fit_shared_memory(bits, block_m):
+    """configs.swap_stages keeps a swapped tile's pipelined x^T buffers inside an sm_90 SM's shared
+    memory (232,448 bytes per block): at 2 stages 3 bits' 128-token tile needs 288 KB and 2 bits'
+    256-token tile 271 KB (the v9 sweep lost 3 bits' 128-token candidates to OutOfResources)."""
+    from dashq_vllm.kernels.configs import swap_stages
+
+    stages = swap_stages(bits, block_m)
+    k = _compile_sm90(bits, torch.float16, True, mode="dot", swap=True, block_m=block_m, num_warps=8,
+                      num_stages=stages)
+    assert k.metadata.shared <= 232448, (stages, k.metadata.shared)
+    if stages > 1:  # and the pipeline is not given up where it fits
+        assert k.metadata.shared > 16 * 1024
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
