@@ -83,11 +83,13 @@ SCALED_MIN_K = 256  # k per tensor-core decode program at 4/8 bits
 LOW_BIT_MIN_K = 512
 
 
-# mid M (v9 sweep on an H200, KERNELS.md v9): the swapped kind up to this M (then dequantize + cuBLAS),
-# 32/64/128-token tiles of 128 weight rows, 8 warps, split-K as at decode; within 12% of the best swept
-# config on every 8B/70B-shard shape at 2/3/4 bits except 3-bit gate_up at M = 32 (a 32-row "scaled" tile)
+# mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize + cuBLAS),
+# one step further on layers of at least SWAP_LARGE_NK weights (8B gate_up/down, 70B); 32/64/128-token tiles
+# (64 at 3 bits) of 128 weight rows, 8 warps, split-K as at decode, dequantized in fp16 (half_dq) from 64 tokens
 SWAP_BITS = (2, 3, 4)
 SWAP_MAX_M = {2: 128, 3: 64, 4: 128}
+SWAP_LARGE_NK = 50_000_000
+SWAP_MAX_M_LARGE = {2: 128, 3: 128, 4: 256}
 
 
 SWAP_X_SMEM = 160 * 1024  # bytes of x^T tiles a "swap" pipeline may buffer (an H100/H200 SM has 228 KB)
@@ -110,9 +112,10 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     >= LOW_BIT_MIN_K of K per program (the inline-PTX unpack on the v7/v8 layouts made that win,
     KERNELS.md v7, v8); at 2/3-bit g32 and M = 1 the CUDA-core GEMV, >= LOW_BIT_MIN_K per program,
     narrowed to 64 columns (unless block_n is given) when 128-wide tiles cannot fill the GPU.
-    Mid M at 2-4 bits (up to SWAP_MAX_M): the "swap" kind (weights as the dot's first operand), scaled
-    after the dot on 32-token tiles, dequantized before it on 64/128-token tiles; otherwise (and at
-    8 bits) dequantize to a dense temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""
+    Mid M at 2-4 bits (up to SWAP_MAX_M, or SWAP_MAX_M_LARGE on layers of >= SWAP_LARGE_NK weights): the
+    "swap" kind (weights as the dot's first operand), scaled after the dot on 32-token tiles, dequantized
+    before it (in fp16 where x is) on 64/128-token tiles; otherwise (and at 8 bits) dequantize to a dense
+    temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
         if bits in (2, 3) and group >= 64:
@@ -129,13 +132,13 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
         bn = block_n or 128
         split = _split_k(-(-n // bn), k, tile, sms, SCALED_MIN_K)
         return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
-    if bits in SWAP_BITS and m <= SWAP_MAX_M[bits]:
+    if bits in SWAP_BITS and m <= (SWAP_MAX_M_LARGE if n * k >= SWAP_LARGE_NK else SWAP_MAX_M)[bits]:
         if bits == 3 and m <= 32 and n >= 3 * k:  # 3-bit gate_up at M <= 32: unswapped 32-row tiles
             return KernelConfig(32, 128, num_warps=4, num_stages=3, kind="scaled")
-        bm = 32 if m <= 32 else (64 if m <= 64 else 128)
+        bm = 32 if m <= 32 else (64 if m <= 64 or bits == 3 else 128)
         split = _split_k(-(-m // bm) * -(-n // 128), k, k_tile(bits), sms, LOW_BIT_MIN_K)
         return KernelConfig(bm, 128, split_k=split, group_m=8, num_warps=8, num_stages=swap_stages(bits, bm),
-                            kind="swap", scaled=bm == 32)
+                            kind="swap", scaled=bm == 32, half_dq=bm > 32)
     return KernelConfig(128, 128, kind="dequant")
 
 

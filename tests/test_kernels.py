@@ -370,26 +370,29 @@ def test_heuristic_m1_low_bit_picks(bits, group):
 
 # (bits, M, K, N) -> (kind, block_m, scaled, split_k) of the heuristic at mid M: the v9 H200 sweep's rule
 # (benchmarks/results/kernels_v9_sweep.json; each within 12% of that shape's best swept config)
-MID_M_H200 = {
-    (4, 64, 4096, 28672): ("swap", 64, False, 4), (4, 32, 14336, 4096): ("swap", 32, True, 16),
-    (4, 128, 4096, 4096): ("swap", 128, False, 8), (2, 64, 4096, 28672): ("swap", 64, False, 4),
-    (2, 128, 4096, 6144): ("swap", 128, False, 8), (3, 64, 14336, 4096): ("swap", 64, False, 16),
-    (3, 32, 4096, 28672): ("scaled", 32, True, 1), (3, 32, 8192, 28672): ("scaled", 32, True, 1),
-    (3, 128, 4096, 28672): ("dequant", 128, True, 1), (4, 256, 4096, 28672): ("dequant", 128, True, 1),
-    (8, 64, 4096, 4096): ("dequant", 128, True, 1),
+MID_M_H200 = {  # (bits, M, K, N) -> (kind, block_m, scaled, half_dq, split_k); KERNELS.md v9, v10
+    (4, 64, 4096, 28672): ("swap", 64, False, True, 4), (4, 32, 14336, 4096): ("swap", 32, True, False, 16),
+    (4, 128, 4096, 4096): ("swap", 128, False, True, 8), (2, 64, 4096, 28672): ("swap", 64, False, True, 4),
+    (2, 128, 4096, 6144): ("swap", 128, False, True, 8), (3, 64, 14336, 4096): ("swap", 64, False, True, 16),
+    (3, 32, 4096, 28672): ("scaled", 32, True, False, 1), (3, 32, 8192, 28672): ("scaled", 32, True, False, 1),
+    (3, 128, 4096, 28672): ("swap", 64, False, True, 2), (3, 128, 4096, 4096): ("dequant", 128, True, False, 1),
+    (4, 256, 4096, 28672): ("swap", 128, False, True, 2), (4, 256, 4096, 6144): ("dequant", 128, True, False, 1),
+    (3, 256, 4096, 28672): ("dequant", 128, True, False, 1), (4, 512, 4096, 28672): ("dequant", 128, True, False, 1),
+    (8, 64, 4096, 4096): ("dequant", 128, True, False, 1),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MID_M_H200))
 def test_heuristic_mid_m(case):
-    """Mid M: the swapped kind (32/64/128-token tiles, scaled only on 32-token ones, split-K as at
-    decode) up to M = 128 at 2/4 bits and 64 at 3 bits, except 3-bit gate_up at M <= 32; then (and at
-    8 bits) dequantize + cuBLAS."""
+    """Mid M: the swapped kind (32/64/128-token tiles, 64 at most at 3 bits; scaled only on 32-token
+    ones, dequantized in fp16 on the others; split-K as at decode) up to M = 128 at 2/4 bits and 64 at
+    3 bits, one M bucket further at 3/4 bits on layers of >= 50M weights; except 3-bit gate_up at
+    M <= 32; then (and at 8 bits) dequantize + cuBLAS."""
     from dashq_vllm.kernels import configs as C
 
     bits, m, k, n = case
     cfg = C.heuristic_config(m, n, k, bits, 128 if bits != 2 else 64, sms=132)
-    assert (cfg.kind, cfg.block_m, cfg.scaled, cfg.split_k) == MID_M_H200[case], cfg
+    assert (cfg.kind, cfg.block_m, cfg.scaled, cfg.half_dq, cfg.split_k) == MID_M_H200[case], cfg
     if cfg.kind == "swap":
         assert cfg.block_n == 128 and cfg.num_warps == 8 and k // cfg.split_k >= C.LOW_BIT_MIN_K
 
