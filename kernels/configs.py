@@ -84,7 +84,7 @@ LOW_BIT_MIN_K = 512
 
 
 # mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize + cuBLAS),
-# one step further on layers of at least SWAP_LARGE_NK weights (8B gate_up/down, 70B); 32/64/128-token tiles
+# at 3/4 bits one M bucket further on layers of at least SWAP_LARGE_NK weights (8B gate_up/down, 70B); 32/64/128-token tiles
 # (64 at 3 bits) of 128 weight rows, 8 warps, split-K as at decode, dequantized in fp16 (half_dq) from 64 tokens
 SWAP_BITS = (2, 3, 4)
 SWAP_MAX_M = {2: 128, 3: 64, 4: 128}
@@ -98,7 +98,8 @@ SWAP_X_SMEM = 160 * 1024  # bytes of x^T tiles a "swap" pipeline may buffer (an 
 def swap_stages(bits: int, block_m: int) -> int:
     """Pipeline stages of a "swap" config: 3, or 2 at 3 bits and from 128-token tiles (registers,
     KERNELS.md v9), fewer while the stages' x^T tiles (k_tile(bits) x block_m halves each) would not
-    fit SWAP_X_SMEM: 3 bits' 512-k tile at 128 tokens and 2 bits' 256-k tile at 256 tokens get one."""
+    fit SWAP_X_SMEM: 3 bits' 512-k tile from 128 tokens and 2 bits' 256-k tile at 256 tokens get one (a
+    single stage buffers no x^T tile: 8 KB of shared memory on sm_90, KERNELS.md v10)."""
     stages = 2 if bits == 3 or block_m >= 128 else 3
     while stages > 1 and stages * k_tile(bits) * block_m * 2 > SWAP_X_SMEM:
         stages -= 1
@@ -112,7 +113,7 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     >= LOW_BIT_MIN_K of K per program (the inline-PTX unpack on the v7/v8 layouts made that win,
     KERNELS.md v7, v8); at 2/3-bit g32 and M = 1 the CUDA-core GEMV, >= LOW_BIT_MIN_K per program,
     narrowed to 64 columns (unless block_n is given) when 128-wide tiles cannot fill the GPU.
-    Mid M at 2-4 bits (up to SWAP_MAX_M, or SWAP_MAX_M_LARGE on layers of >= SWAP_LARGE_NK weights): the
+    Mid M at 2-4 bits (up to SWAP_MAX_M; SWAP_MAX_M_LARGE, one bucket more at 3/4 bits, on layers of >= SWAP_LARGE_NK weights): the
     "swap" kind (weights as the dot's first operand), scaled after the dot on 32-token tiles, dequantized
     before it (in fp16 where x is) on 64/128-token tiles; otherwise (and at 8 bits) dequantize to a dense
     temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""

@@ -42,7 +42,7 @@ from .configs import KernelConfig, fit_config, pick_config
 from .layout import k_tile, plane_rows
 
 # the layout's own rule, evaluated at compile time inside the kernels (one owner: layout.py; Triton 3.6
-# accepts only functions that call no others, so the K tile is derived from it below)
+# accepts only functions that call no others, so the K tile, layout.k_tile, comes from the host as KT)
 _plane_rows = triton.constexpr_function(plane_rows)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -54,6 +54,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 PTX_UNPACK = os.environ.get("DASHQ_PTX_UNPACK", "1") != "0"
 _PTX_PLATFORM = torch.version.hip is None  # inline PTX is NVIDIA only
 MODES = {"dot": 0, "scaled": 1, "gemv": 2}  # and "wide" (dashq_gemm_kernel), "dequant" (+ cuBLAS)
+# q * s + z as one fused multiply-add (FFMA, or HFMA2 under half_dq): Triton 3.9 warns that its default
+# turns fusion off in 3.10, which would add an instruction per weight to every dequantizing path
+FP_FUSION = dict(enable_fp_fusion=True)
 MODE_DOT: tl.constexpr = tl.constexpr(0)
 MODE_SCALED: tl.constexpr = tl.constexpr(1)
 MODE_GEMV: tl.constexpr = tl.constexpr(2)
@@ -294,8 +297,8 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                         BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
                         HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PTX: tl.constexpr,
-                        EVEN_K: tl.constexpr, SWAP: tl.constexpr, HALF_DQ: tl.constexpr):
-    """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); K % KT == 0 (layout.k_tile).
+                        EVEN_K: tl.constexpr, SWAP: tl.constexpr, HALF_DQ: tl.constexpr, KT: tl.constexpr):
+    """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); KT = layout.k_tile(BITS) divides K.
     ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y.
     PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`).
     EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk).
@@ -304,7 +307,6 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
     wgmma from registers and only x goes through shared memory (KERNELS.md "Mid M").
     HALF_DQ (MODE_DOT, fp16 x): dequantize in packed half precision from the scaled mode's (PTX)
     operand instead of float32 FMAs (sm_90: 22-40% fewer loop instructions; KERNELS.md v9)."""
-    KT: tl.constexpr = 32 * _plane_rows(BITS, 1) if BITS == 3 else 32 * _plane_rows(BITS, BITS) // BITS  # K tile: one block of every plane (layout.k_tile)
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
     # accumulator (A0, A1): (rows of x, BLOCK_N), or (BLOCK_N, BLOCK_M) when swapped
@@ -435,10 +437,9 @@ def dashq_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
 
 @triton.jit
 def dashq_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NK: tl.constexpr):
+                         BLOCK_N: tl.constexpr, NK: tl.constexpr, KT: tl.constexpr):
     """Dense W[K, N] = q * s + szeros in w's dtype (the large-M path feeds it to cuBLAS); NK: stored
     transposed, as W^T[N, K]. grid = (K / KT, N tiles), KT = layout.k_tile(BITS)."""
-    KT: tl.constexpr = 32 * _plane_rows(BITS, 1) if BITS == 3 else 32 * _plane_rows(BITS, BITS) // BITS  # layout.k_tile
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -465,7 +466,7 @@ def dequantize_dense(qweight, scales, szeros, bits: int, group_size: int, n: int
     w = torch.empty((n, k) if nk else (k, n), dtype=dtype, device=qweight.device)
     grid = (k // k_tile(bits), triton.cdiv(n, block_n))
     dashq_dequant_kernel[grid](qweight, scales, szeros, w, n, k, BITS=bits, GROUP=group_size, BLOCK_N=block_n,
-                               NK=nk, num_warps=4)
+                               NK=nk, KT=k_tile(bits), num_warps=4, **FP_FUSION)
     return w
 
 
@@ -537,13 +538,14 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
                     MODE=_mode(cfg), ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET,
                     PTX=PTX_UNPACK and _PTX_PLATFORM and not _INTERPRET and x2.is_cuda,
-                    EVEN_K=kx == k, SWAP=cfg.kind == "swap", HALF_DQ=cfg.half_dq and x2.dtype == torch.float16)
+                    EVEN_K=kx == k, SWAP=cfg.kind == "swap", HALF_DQ=cfg.half_dq and x2.dtype == torch.float16,
+                    KT=k_tile(bits))
     key = launch_key(kernel, meta, cfg, args)
     compiled = None if _INTERPRET else _COMPILED.get(key)
     if compiled is not None:
         compiled[grid](*args, *meta.values())
         return
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION)
     if cfg.maxnreg:
         opts["maxnreg"] = cfg.maxnreg
     compiled = kernel[grid](*args, **meta, **opts)

@@ -175,7 +175,7 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, bloc
         from triton.compiler import ASTSource
     except ImportError as e:  # pragma: no cover - triton layout dependent
         pytest.skip(f"this triton cannot compile ahead of time: {e!r}")
-    from dashq_vllm.kernels.triton_kernels import MODES, dashq_linear_kernel
+    from dashq_vllm.kernels.triton_kernels import FP_FUSION, MODES, dashq_linear_kernel
 
     t = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
     sig = {"x_ptr": t, "qw_ptr": "*i32", "s_ptr": t, "z_ptr": t, "b_ptr": t, "y_ptr": t, "M": "i32", "N": "i32",
@@ -183,7 +183,7 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, bloc
     consts = dict(BITS=bits, GROUP=64, BLOCK_M=block_m or (1 if mode == "gemv" else 16), BLOCK_N=128, GROUP_M=1,
                   MODE=MODES[mode], ATOMIC=True,
                   HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k, SWAP=swap,
-                  HALF_DQ=half_dq)
+                  HALF_DQ=half_dq, KT=K.k_tile(bits))
     sig.update({k: "constexpr" for k in consts})
     names = dashq_linear_kernel.arg_names
     aligned = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KX", "stride_xm", "stride_ym")
@@ -191,7 +191,7 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, bloc
     src = ASTSource(fn=dashq_linear_kernel, signature=sig, constexprs=consts, attrs=attrs)
     try:
         return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages, **FP_FUSION})
     except Exception as e:
         if "ptxas" in repr(e).lower() and "not found" in repr(e).lower():  # pragma: no cover
             pytest.skip(f"no ptxas for an ahead-of-time compile: {e!r}")
@@ -368,8 +368,8 @@ def test_heuristic_m1_low_bit_picks(bits, group):
     assert (four.kind, four.block_n, four.split_k) == ("scaled", 128, 16)
 
 
-# (bits, M, K, N) -> (kind, block_m, scaled, split_k) of the heuristic at mid M: the v9 H200 sweep's rule
-# (benchmarks/results/kernels_v9_sweep.json; each within 12% of that shape's best swept config)
+# the heuristic at mid M: the v9/v10 H200 sweeps' rule (benchmarks/results/kernels_v10_sweep.json; each
+# within 12% of that shape's best swept config)
 MID_M_H200 = {  # (bits, M, K, N) -> (kind, block_m, scaled, half_dq, split_k); KERNELS.md v9, v10
     (4, 64, 4096, 28672): ("swap", 64, False, True, 4), (4, 32, 14336, 4096): ("swap", 32, True, False, 16),
     (4, 128, 4096, 4096): ("swap", 128, False, True, 8), (2, 64, 4096, 28672): ("swap", 64, False, True, 4),
@@ -378,7 +378,8 @@ MID_M_H200 = {  # (bits, M, K, N) -> (kind, block_m, scaled, half_dq, split_k); 
     (3, 128, 4096, 28672): ("swap", 64, False, True, 2), (3, 128, 4096, 4096): ("dequant", 128, True, False, 1),
     (4, 256, 4096, 28672): ("swap", 128, False, True, 2), (4, 256, 4096, 6144): ("dequant", 128, True, False, 1),
     (3, 256, 4096, 28672): ("dequant", 128, True, False, 1), (4, 512, 4096, 28672): ("dequant", 128, True, False, 1),
-    (8, 64, 4096, 4096): ("dequant", 128, True, False, 1),
+    (8, 64, 4096, 4096): ("dequant", 128, True, False, 1), (2, 256, 4096, 28672): ("dequant", 128, True, False, 1),
+    (4, 256, 14336, 4096): ("swap", 128, False, True, 16),
 }
 
 
@@ -397,18 +398,18 @@ def test_heuristic_mid_m(case):
         assert cfg.block_n == 128 and cfg.num_warps == 8 and k // cfg.split_k >= C.LOW_BIT_MIN_K
 
 
-@pytest.mark.parametrize("bits,block_m", [(3, 128), (2, 256), (4, 256)])
-def test_swap_stages_fit_shared_memory(bits, block_m):
+@pytest.mark.parametrize("bits,block_m,stages", [(3, 128, 1), (2, 256, 1), (4, 256, 2), (3, 64, 2), (2, 128, 2)])
+def test_swap_stages_fit_shared_memory(bits, block_m, stages):
     """configs.swap_stages keeps a swapped tile's pipelined x^T buffers inside an sm_90 SM's shared
     memory (232,448 bytes per block): at 2 stages 3 bits' 128-token tile needs 288 KB and 2 bits'
     256-token tile 271 KB (the v9 sweep lost 3 bits' 128-token candidates to OutOfResources)."""
     from dashq_vllm.kernels.configs import swap_stages
 
-    stages = swap_stages(bits, block_m)
+    assert swap_stages(bits, block_m) == stages
     k = _compile_sm90(bits, torch.float16, True, mode="dot", swap=True, block_m=block_m, num_warps=8,
                       num_stages=stages)
     assert k.metadata.shared <= 232448, (stages, k.metadata.shared)
-    if stages > 1:  # and the pipeline is not given up where it fits
+    if stages > 1:  # the pipeline is kept where it fits (1 stage buffers no x^T tile)
         assert k.metadata.shared > 16 * 1024
 
 
