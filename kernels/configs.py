@@ -83,9 +83,10 @@ SCALED_MIN_K = 256  # k per tensor-core decode program at 4/8 bits
 LOW_BIT_MIN_K = 512
 
 
-# mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize + cuBLAS),
-# at 3/4 bits one M bucket further on layers of at least SWAP_LARGE_NK weights (8B gate_up/down, 70B); 32/64/128-token tiles
-# (64 at 3 bits) of 128 weight rows, 8 warps, split-K as at decode, dequantized in fp16 (half_dq) from 64 tokens
+# mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize +
+# cuBLAS), at 3/4 bits one M bucket further on layers of at least SWAP_LARGE_NK weights (8B gate_up/down,
+# 70B); 32/64/128-token tiles (64 at 3 bits) of 128 weight rows, 8 warps, split-K as at decode,
+# dequantized in fp16 (half_dq) from 64 tokens
 SWAP_BITS = (2, 3, 4)
 SWAP_MAX_M = {2: 128, 3: 64, 4: 128}
 SWAP_LARGE_NK = 50_000_000
@@ -113,10 +114,10 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     >= LOW_BIT_MIN_K of K per program (the inline-PTX unpack on the v7/v8 layouts made that win,
     KERNELS.md v7, v8); at 2/3-bit g32 and M = 1 the CUDA-core GEMV, >= LOW_BIT_MIN_K per program,
     narrowed to 64 columns (unless block_n is given) when 128-wide tiles cannot fill the GPU.
-    Mid M at 2-4 bits (up to SWAP_MAX_M; SWAP_MAX_M_LARGE, one bucket more at 3/4 bits, on layers of >= SWAP_LARGE_NK weights): the
-    "swap" kind (weights as the dot's first operand), scaled after the dot on 32-token tiles, dequantized
-    before it (in fp16 where x is) on 64/128-token tiles; otherwise (and at 8 bits) dequantize to a dense
-    temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""
+    Mid M at 2-4 bits (up to SWAP_MAX_M; SWAP_MAX_M_LARGE, one bucket more at 3/4 bits, on layers of
+    >= SWAP_LARGE_NK weights): the "swap" kind (weights as the dot's first operand), scaled after the
+    dot on 32-token tiles, dequantized before it (in fp16 where x is) on 64/128-token tiles; otherwise
+    (and at 8 bits) dequantize to a dense temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
         if bits in (2, 3) and group >= 64:
