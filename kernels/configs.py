@@ -139,8 +139,9 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
             return KernelConfig(32, 128, num_warps=4, num_stages=3, kind="scaled")
         bm = 32 if m <= 32 else (64 if m <= 64 or bits == 3 else 128)
         split = _split_k(-(-m // bm) * -(-n // 128), k, k_tile(bits), sms, LOW_BIT_MIN_K)
+        scaled = bm == 32  # larger token tiles dequantize before the dot, in fp16
         return KernelConfig(bm, 128, split_k=split, group_m=8, num_warps=8, num_stages=swap_stages(bits, bm),
-                            kind="swap", scaled=bm == 32, half_dq=bm > 32)
+                            kind="swap", scaled=scaled, half_dq=not scaled)
     return KernelConfig(128, 128, kind="dequant")
 
 

@@ -28,6 +28,8 @@ convert them to float32 before use, so their dtype is free.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dashq_vllm.format import FormatError, ModuleSpec, pack_codes, unpack_codes
@@ -48,6 +50,7 @@ def plane_rows(bits: int, width: int) -> int:
     return 32 if width == 8 else 16
 
 
+@functools.lru_cache(maxsize=None)  # every launch asks (fit_config, the kernels' KT)
 def k_tile(bits: int) -> int:
     """The padding unit of K and the kernels' K tile: one block of every plane (256 k at 2 bits,
     512 at 3, else 128), a whole number of groups."""
