@@ -5,7 +5,8 @@
 Sections: ``info`` (device, measured copy bandwidth and matmul rate: the two ceilings);
 ``check`` (GPU correctness vs float64 for every bits x group x dtype x path, NaN-poisoned outputs,
 CUDA-graph capture and torch.compile of the op); ``bench`` (the issue's shapes x M list: us, GB/s,
-% of the memory floor, speedup over torch fp16 F.linear); ``graph`` (the same for the small
+% of the memory floor, speedup over torch fp16 F.linear and, at 4 bits where vLLM is installed, over its
+Machete kernel); ``graph`` (the same for the small
 shapes at M <= 16 inside CUDA-graph replays); ``sweep`` (kernel variants/configs per shape and M
 bucket; writes the tuned table ``tuned.json``). Results: ``$OUT/kernels.json`` (+ a log).
 Timing: triton.testing.do_bench medians, inputs rotated over sets larger than 2x L2.
@@ -254,7 +255,7 @@ def check_case(kw, w64, x, bias, cfg):
     if cfg is None:
         y.copy_(K.linear(x, kw, bias))
     else:
-        if cfg.split_k > 1:
+        if cfg.atomic:
             y.zero_()
         launch(x, kw.qweight, kw.scales, kw.szeros, bias, y, kw.bits, kw.group_size, kw.n, kw.k, cfg)
     ref = x.double() @ w64.t() + (0 if bias is None else bias.double())
@@ -277,6 +278,10 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     "swap-dot-256": (300, KernelConfig(256, 128, num_warps=8, num_stages=1, kind="swap", scaled=False)),
     "swap-dot-half-128": (200, KernelConfig(128, 64, num_warps=4, num_stages=2, kind="swap", scaled=False,
                                             half_dq=True)),
+    "decode-dot-half": (5, KernelConfig(16, 64, split_k=4, group_m=1, kind="dot", half_dq=True)),
+    # 96 programs share CHECK_N's 8-16 output tiles x 8-16 K tiles: ranges cross tile boundaries
+    "stream-k-scaled": (5, KernelConfig(16, 128, group_m=1, kind="scaled", stream_k=96)),
+    "stream-k-dot-half": (16, KernelConfig(16, 64, group_m=1, kind="dot", half_dq=True, stream_k=96)),
 }
 
 
@@ -304,11 +309,16 @@ def check_plan(quick=False, bits_list=(2, 3, 4, 8)):
                 yield bits, group, dt, has_bias, cases
 
 
-def run_checks(dev, quick=False, bits_list=(2, 3, 4, 8)):
-    """check_plan() on fresh random data against float64; outputs NaN-poisoned."""
+def run_checks(dev, quick=False, bits_list=(2, 3, 4, 8), paths=frozenset()):
+    """check_plan() (only the named paths, if any) on fresh random data against float64; outputs
+    NaN-poisoned."""
     from dashq_vllm.kernels.configs import fit_config
 
-    plan = list(check_plan(quick, bits_list))
+    plan = [(b, g, dt, hb, [c for c in cases if not paths or c[0] in paths])
+            for b, g, dt, hb, cases in check_plan(quick, bits_list)]
+    plan = [p for p in plan if p[4]]
+    if not plan:
+        raise ValueError(f"--check-paths {sorted(paths)}: no such path in the check plan")
     precompile([(b, g, dt, fit_config(cfg, CHECK_K, g, b, dt), hb, CHECK_N, CHECK_K, CHECK_KX)
                 for b, g, dt, hb, cases in plan for _, _, cfg in cases])
     results, n_bad = [], 0
@@ -397,6 +407,46 @@ class Dense:
         self.sets = [torch.randn(n, k, device=dev, dtype=dtype) * 0.02 for _ in range(self.count)]
 
 
+class Machete:
+    """vLLM 0.26's own 4-bit kernel on Hopper, the one it serves GPTQ 4-bit checkpoints with: rotating
+    random uint4b8 (symmetric, fp16 scales per group, no zeros) weight sets of one (K, N), prepacked
+    as vLLM's MacheteLinearKernel does, over 2x L2 in total."""
+
+    def __init__(self, k, n, group, dev, l2):
+        from vllm import _custom_ops as ops
+        from vllm.scalar_type import scalar_types
+
+        self.ops, self.type, self.k, self.group = ops, scalar_types.uint4b8, k, group
+        self.bytes = k * n // 2 + (k // group) * n * 2
+        self.count = max(2, math.ceil(2 * l2 / self.bytes) + 1)
+        self.sets = []
+        for _ in range(self.count):
+            qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=dev)
+            qw = ops.machete_prepack_B(qw.t().contiguous().t(), a_type=torch.float16, b_type=self.type,
+                                       group_scales_type=torch.float16)
+            s = (torch.rand(k // group, n, device=dev) * 0.01 + 1e-3).half()
+            self.sets.append((qw, s))
+
+    @staticmethod
+    def available():
+        """(usable, why not): vLLM's compiled Machete ops on an sm_90 GPU."""
+        try:
+            from vllm import _custom_ops  # noqa: F401
+        except Exception as e:  # no vLLM bundle on this machine
+            return False, f"vllm not importable: {e!r}"[:200]
+        if not hasattr(torch.ops._C, "machete_mm"):
+            return False, "this vLLM build has no machete_mm"
+        if torch.cuda.get_device_capability() != (9, 0):
+            return False, "Machete needs sm_90"
+        return True, ""
+
+
+def machete_fns(Mc, m):
+    xs = [torch.randn(m, Mc.k, device="cuda", dtype=torch.float16) for _ in range(Mc.count)]
+    return [lambda x=x, w=w: Mc.ops.machete_mm(a=x, b_q=w[0], b_type=Mc.type, b_group_scales=w[1],
+                                                b_group_size=Mc.group) for x, w in zip(xs, Mc.sets)]
+
+
 def rotating(fns):
     state = {"i": 0}
 
@@ -463,6 +513,9 @@ def run_bench(dev, info, m_list, bit_configs, shapes, with_graph):
     bw = info["copy_bw_GBps"] * 1e9
     l2 = info["l2_bytes"]
     rows, fp16_ms, fp16_graph = [], {}, {}
+    with_machete, why = Machete.available()
+    if not with_machete:
+        log(f"bench: no Machete column ({why})")
     for k, n, name in shapes:
         D = Dense(k, n, dev, l2)
         for m in m_list:
@@ -472,6 +525,12 @@ def run_bench(dev, info, m_list, bit_configs, shapes, with_graph):
         del D
         for bits, group in bit_configs:
             W = Weights(k, n, bits, group, dev, l2)
+            mc = None
+            if with_machete and bits == 4:
+                try:
+                    mc = Machete(k, n, group, dev, l2)
+                except Exception as e:  # a shape or group Machete does not take: the row goes without it
+                    log(f"bench: Machete {name} g{group}: {e!r}"[:300])
             for m in m_list:
                 cfg = K.configs.pick_config(m, n, k, bits, group, torch.device(dev))
                 t = bench_ms(rotating(quant_fns(W, m)))
@@ -485,6 +544,12 @@ def run_bench(dev, info, m_list, bit_configs, shapes, with_graph):
                     tg = graph_ms(quant_fns(W, m))
                     row.update(graph_us=tg * 1e3, fp16_graph_us=fp16_graph[(name, m)] * 1e3,
                                graph_speedup=fp16_graph[(name, m)] / tg, graph_pct_floor=100 * floor / tg)
+                if mc is not None:  # speedups over Machete: > 1 means ours is faster
+                    tm = bench_ms(rotating(machete_fns(mc, m)))
+                    row.update(machete_us=tm * 1e3, vs_machete=tm / t)
+                    if "graph_us" in row:
+                        tmg = graph_ms(machete_fns(mc, m))
+                        row.update(machete_graph_us=tmg * 1e3, graph_vs_machete=tmg / tg)
                 if m <= 16 or m in (64, 256, 1024):
                     row["rel_err"] = bench_rel_err(W, m)
                 rows.append(row)
@@ -492,8 +557,11 @@ def run_bench(dev, info, m_list, bit_configs, shapes, with_graph):
                     + (f"err {row['rel_err']:.1e} " if "rel_err" in row else "")
                     +
                     f"{row['pct_floor']:5.1f}% floor  x{row['speedup']:5.2f} fp16"
-                    + (f"  graph {row['graph_us']:7.1f} us x{row['graph_speedup']:5.2f}" if "graph_us" in row else ""))
-            del W
+                    + (f"  graph {row['graph_us']:7.1f} us x{row['graph_speedup']:5.2f}" if "graph_us" in row else "")
+                    + (f"  machete {row['machete_us']:7.1f} us x{row['vs_machete']:5.2f}" if "machete_us" in row else "")
+                    + (f" graph {row['machete_graph_us']:7.1f} us x{row['graph_vs_machete']:5.2f}"
+                       if "machete_graph_us" in row else ""))
+            del W, mc
             torch.cuda.empty_cache()
     return rows
 
@@ -553,13 +621,23 @@ def sweep_candidates(m, n, k, bits, group, sms):
     if m <= 16:
         cands = [("scaled", bn, w) for bn in (64, 128, 256) for w in (4, 8)]
         cands += [("dot", 128, 4), ("dot", 256, 8), ("swap", 64, 4), ("swap", 128, 4)]
+        cands += [("dot-half", 64, 4), ("dot-half", 128, 4), ("dot-half", 128, 8), ("dot-half", 256, 8)]
         if m == 1:
             cands += [("gemv", 64, 4), ("gemv", 128, 4), ("gemv", 128, 8)]
         for kind, bn, warps in cands:
             split = heuristic_config(m, n, k, bits, group, sms, block_n=bn).split_k
-            for sk in sorted({max(1, split // 4), split}):
+            # the tensor-core decode kinds also try half and twice the split (tail waves, KERNELS.md v11)
+            splits = {max(1, split // 4), split}
+            if kind in ("scaled", "dot-half"):
+                splits |= {max(1, split // 2), split * 2}
+            for sk in sorted(splits):
                 yield KernelConfig(1 if kind == "gemv" else 16, bn, split_k=sk, group_m=1, num_warps=warps,
-                                   num_stages=3, kind=kind)
+                                   num_stages=3, kind=kind.replace("-half", ""), half_dq=kind == "dot-half")
+        # stream-K (KERNELS.md v11): 2-8 programs per SM share every (tile, K tile) iteration
+        for kind, bn, per_sm in [("scaled", 128, p) for p in (2, 3, 4)] + [("scaled", 64, p) for p in (4, 6)] + \
+                [("dot-half", 64, p) for p in (4, 6, 8)] + [("dot-half", 128, p) for p in (4, 6)]:
+            yield KernelConfig(16, bn, group_m=1, num_warps=4, num_stages=3, kind=kind.replace("-half", ""),
+                               half_dq=kind == "dot-half", stream_k=per_sm * sms)
     elif WIDE_ONLY:  # v5: the "wide" GEMM (one dot per BLOCK_K step) against dequant + cuBLAS
         yield KernelConfig(128, 128, kind="dequant")
         tiles = ((32, 128, 4), (64, 64, 4), (64, 128, 4)) if m <= 64 else \
@@ -684,11 +762,11 @@ def run_ablation(dev, info):
     return out
 
 
-def run_single(dev, shape, bits, group, m):
-    """A few launches of one (shape, bits, M) with the default pick: a target for ncu."""
-    k, n, _ = next(s for s in SHAPES if s[2] == shape)
+def run_single(dev, shape, bits, group, m, cfg=None):
+    """A few launches of one (shape, bits, M) with the default pick (or cfg): a target for ncu."""
+    k, n, _ = next(s for s in SHAPES + SWEEP_EXTRA if s[2] == shape)
     W = Weights(k, n, bits, group, dev, 0)
-    fns = quant_fns(W, m)
+    fns = quant_fns(W, m, cfg=cfg)
     for f in fns * 3:
         f()
     torch.cuda.synchronize()
@@ -739,6 +817,9 @@ def summary(rows):
                      for m in (1, 16, 1024, 4096) if m in sel]
             if 1 in sel and "graph_us" in sel[1]:
                 parts.append(f"graph M=1:{sel[1]['graph_us']:.1f}us/x{sel[1]['graph_speedup']:.2f}")
+            for m in (1, 16):
+                if m in sel and "graph_vs_machete" in sel[m]:
+                    parts.append(f"vs Machete (graph) M={m}: x{sel[m]['graph_vs_machete']:.2f}")
             log(f"{name:>17} {bits}b g{group:<3} " + "  ".join(parts))
 
 
@@ -764,6 +845,9 @@ def main():
     ap.add_argument("--wide", action="store_true", help="GEMM sweep: the 'wide' kernel against dequant + cuBLAS")
     ap.add_argument("--tag", default="")
     ap.add_argument("--single", default="", help="shape,bits,group,m: only launch that (for ncu)")
+    ap.add_argument("--single-config", default="", help="with --single: KernelConfig fields as JSON instead of the pick")
+    ap.add_argument("--check-paths", default="", help="only these check paths (names as in the log, e.g. "
+                    "default-m1,decode-dot-half)")
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a results JSON (CPU)")
     args = ap.parse_args()
     if args.plot:
@@ -771,7 +855,8 @@ def main():
         return
     if args.single:
         shape, bits, group, m = args.single.split(",")
-        run_single("cuda", shape, int(bits), int(group), int(m))
+        cfg = KernelConfig(**json.loads(args.single_config)) if args.single_config else None
+        run_single("cuda", shape, int(bits), int(group), int(m), cfg)
         return
     sections = set(args.sections.split(","))
     if args.sweep_from:  # a bad checkpoint or TP size fails here, before any GPU work
@@ -797,7 +882,8 @@ def main():
     try:
         res["info"] = measure_info(dev)
         if "check" in sections:
-            res["check"] = run_checks(dev, args.quick_check, [int(b) for b in args.check_bits.split(",")])
+            res["check"] = run_checks(dev, args.quick_check, [int(b) for b in args.check_bits.split(",")],
+                                      set(filter(None, args.check_paths.split(","))))
             log(f"[{time.time() - t0:.0f}s] checks done")
         m_list = [1, 16, 1024] if args.quick else M_LIST
         if args.bench_m:

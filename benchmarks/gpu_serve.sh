@@ -28,6 +28,7 @@
 #           2b g64/g32) into /tmp/results/k/tuned.json, used by every later step of the lease (commit it as
 #           kernels/tuned/<GPU name>.json; on an H200 (2026-12-02) the 8B/70B shapes took 34 s, all twelve 64 s).
 #   kernels-ptx: the inline-PTX unpack (on by default since 2026-12-02) checked, then timed off/on.
+#   decode check|ncu|sweep|bench: M = 1-16 (KERNELS.md v11); runs without the vLLM bundle too (no Machete column).
 #   qwen-throughput: offline throughput of Qwen's real checkpoints (QWEN_SETTINGS, after qwen-ckpts)
 #           against the bf16 source run at fp16.
 # Every step is resumable: results accumulate under /tmp/results and are copied to $OUT each call.
@@ -39,7 +40,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_USE_FLASH
 REPO=$(pwd)
 . "$REPO"/benchmarks/gpu_common.sh
 mkdir -p /tmp/results
-if [ ! -f /tmp/site/.installed ]; then
+if [ ! -f /tmp/site/.installed ] && [ "${1:-}" = decode ] && ! ls /tmp/stage/vllm.part* >/dev/null 2>&1; then
+  echo "vLLM not staged: the decode step runs without it (no Machete column)"
+elif [ ! -f /tmp/site/.installed ]; then
   cat /tmp/stage/vllm.part* > /tmp/stage/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
     /tmp/stage/vllm-0.26.0-*.whl /tmp/stage/deps/*.whl || exit 1
@@ -131,6 +134,40 @@ case "$step" in
              timeout -s INT ${MIDM_TIMEOUT:-540} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
                --sections info,bench,graph --bench-m ${MIDM_BENCH_M:-1,16,32,64,128,256,512,1024} \
                --tag _${tag}_bench || echo "midm bench: stopped" ;;
+    esac ;;
+  decode)  # v11 (KERNELS.md): M = 1-16. `decode check`: the decode paths (DECODE_CHECK_PATHS) for 2/3/4 bits x
+           # group x dtype; `decode ncu`: stall reasons of M = 1 gate_up launches (DECODE_NCU: "shape,bits,group,m|JSON
+           # config or default" ...); `decode sweep`: M = 1 and 16 on the 8B and 70B layer shapes, merged (buckets
+           # 1-16) into the committed table as /tmp/results/k/tuned.json; `decode bench`: that table, M = 1 and 16
+    mkdir -p /tmp/results/k
+    tag=${DECODE_TAG:-v11}
+    case "${1:-check}" in
+      check) timeout -s INT ${DECODE_TIMEOUT:-500} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
+               --sections info,check --check-bits ${DECODE_CHECK_BITS:-2,3,4} \
+               --check-paths ${DECODE_CHECK_PATHS:-default-m1,default-m16,decode-scaled,decode-dot-half,swap-dot-half-128} \
+               --tag _${tag}_check || echo "decode check: stopped" ;;
+      ncu) NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+           [ -n "$NCU" ] || { echo "decode ncu: no ncu on this machine"; exit 1; }
+           half='{"block_m":16,"block_n":64,"split_k":4,"group_m":1,"kind":"dot","half_dq":true}'
+           i=0
+           for spec in ${DECODE_NCU:-"gate_up,4,128,1|" "gate_up,4,128,1|$half" "gate_up,2,64,1|" "gate_up,2,64,1|$half" "gate_up,3,128,1|"}; do
+             i=$(( i + 1 )); single=${spec%%|*}; cfg=${spec#*|}
+             timeout 120 "$NCU" --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+               --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+               --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$,smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active" \
+               -k regex:dashq -c 1 python3 "$REPO"/benchmarks/bench_kernels.py --single "$single" \
+               ${cfg:+--single-config "$cfg"} > /tmp/results/k/ncu_${tag}_$i.txt 2>&1
+             echo "ncu $i: $spec"; grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Ipc|stalled_(long|barrier|wait|math|short|mio|lg|not_sel|dispatch|no_inst|tex|branch|sleep|drain|membar|selected)" /tmp/results/k/ncu_${tag}_$i.txt | head -30
+           done ;;
+      sweep) timeout -s INT ${DECODE_TIMEOUT:-540} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
+               --sections info,sweep --sweep-m 1,16 --sweep-bits ${DECODE_BITS:-4:128,3:128,2:64} \
+               --sweep-shapes ${DECODE_SHAPES:-qkv,o,gate_up,down,70b_qkv,70b_o,70b_gate_up,70b_down} \
+               --sweep-keep-buckets 1,2,4,8,16 --sweep-budget-s ${DECODE_BUDGET_S:-420} --tag _${tag}_sweep \
+               || echo "decode sweep: stopped"
+             cp /tmp/results/k/tuned.json /tmp/results/k/tuned_${tag}.json 2>/dev/null ;;
+      bench) use_tuned_table
+             timeout -s INT ${DECODE_TIMEOUT:-540} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
+               --sections info,bench,graph --bench-m ${DECODE_BENCH_M:-1,16} --tag _${tag}_bench || echo "decode bench: stopped" ;;
     esac ;;
   kernels)  # v5: sweep the "wide" GEMM against dequant + cuBLAS at mid/large M, check, bench
     mkdir -p /tmp/results/k

@@ -43,10 +43,17 @@ class KernelConfig:
     # Hopper), raw codes scaled per group (or, with scaled=False, dequantized before the dot)
     block_k: int = 0  # "wide": k per step (0: min(64, group)); divides 128, at most the group size
     scaled: bool = True  # "wide", "swap": scale after the dot (raw codes as exact halves) or dequantize before
-    half_dq: bool = False  # "dot", "swap" with scaled=False, fp16 x only: dequantize as q * s + z in fp16 (packed
-    # HFMA2) from the PTX-unpacked codes instead of float32 FMAs
+    half_dq: bool = False  # "dot", "swap" with scaled=False: dequantize as q * s + z in x's dtype (packed
+    # HFMA2) from the PTX-unpacked codes instead of float32 FMAs (not 8 bits with bf16 x)
+    stream_k: int = 0  # "dot"/"scaled"/"gemv"/"swap": this many programs share the (output tile, K tile)
+    # iterations evenly, flushing atomically (no tail wave; split_k is then unused); 0: one K range per program
     nk: bool = False  # "dequant": write the dense weight as (N, K), F.linear's layout, instead of (K, N) (cuBLAS
     # is 1.5-1.6x faster that way on gate_up shapes at M = 128 on an H200; results/cublas_layout_h200.json)
+
+    @property
+    def atomic(self) -> bool:
+        """Partial sums are atomically added into a zero-filled output (split-K or stream-K)."""
+        return self.split_k > 1 or self.stream_k > 0
 
 
 def m_bucket(m: int) -> int:
@@ -81,6 +88,14 @@ SCALED_MIN_K = 256  # k per tensor-core decode program at 4/8 bits
 # k per 2/3-bit decode program (H200 sweeps, KERNELS.md v6-v8: 256-448 cost 1.5-2.1x for the GEMV at
 # 2 bits; with 64-wide scaled tiles it is the best measured split or within 10% of it at M = 1-16)
 LOW_BIT_MIN_K = 512
+# K tiles per 2/3-bit decode program of the fp16-dequantizing "dot" kind (v11 H200 sweep, KERNELS.md v11: the
+# measured-best split or within 12% of it on every 8B/70B layer at M = 1, 2% on average)
+HALF_DQ_MIN_TILES = 4
+# 4-bit decode on layers with N >= STREAM_K_MIN_NK * K (gate_up-shaped): STREAM_K_PER_SM programs per SM (what
+# the 4-bit scaled kernel's 121 registers let run at once) share the work evenly (v11 H200 sweep: 3-8.5% faster
+# than the best split-K on the 8B and 70B gate_up layers at M = 1-16, slower on the other shapes)
+STREAM_K_MIN_NK = 3
+STREAM_K_PER_SM = 4
 
 
 # mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize +
@@ -110,10 +125,13 @@ def swap_stages(bits: int, block_m: int) -> int:
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
                      block_n: int | None = None) -> KernelConfig:
     """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md).
-    M <= 16: the tensor-core "scaled" kind; at 2/3 bits with groups >= 64 in 64-wide tiles keeping
-    >= LOW_BIT_MIN_K of K per program (the inline-PTX unpack on the v7/v8 layouts made that win,
-    KERNELS.md v7, v8); at 2/3-bit g32 and M = 1 the CUDA-core GEMV, >= LOW_BIT_MIN_K per program,
-    narrowed to 64 columns (unless block_n is given) when 128-wide tiles cannot fill the GPU.
+    M <= 16: the tensor-core "scaled" kind. At 2/3 bits with groups >= 64 the "dot" kind dequantizing in
+    half precision (half_dq) instead, in 64-wide tiles of 4 warps keeping >= HALF_DQ_MIN_TILES K tiles per
+    program (1.1-1.3x faster than "scaled" at 2 bits on the H200, KERNELS.md v11; the inline-PTX unpack on
+    the v7/v8 layouts made both win over the GEMV). At 4 bits on layers at least STREAM_K_MIN_NK times as
+    wide as deep, stream-K over STREAM_K_PER_SM programs per SM. At 2/3-bit g32 and M = 1 the CUDA-core
+    GEMV, >= LOW_BIT_MIN_K per program, narrowed to 64 columns (unless block_n is given) when 128-wide
+    tiles cannot fill the GPU.
     Mid M at 2-4 bits (up to SWAP_MAX_M; SWAP_MAX_M_LARGE, one bucket more at 3/4 bits, on layers of
     >= SWAP_LARGE_NK weights): the "swap" kind (weights as the dot's first operand), scaled after the
     dot on 32-token tiles, dequantized before it (in fp16 where x is) on 64/128-token tiles; otherwise
@@ -122,8 +140,8 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
         tile = k_tile(bits)
         if bits in (2, 3) and group >= 64:
             bn = block_n or 64
-            split = _split_k(-(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
-            return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
+            split = _split_k(-(-n // bn), k, tile, sms, HALF_DQ_MIN_TILES * tile)
+            return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="dot", half_dq=True)
         if bits in (2, 3) and m == 1:
             bn = block_n or 128
             split = _split_k(-(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
@@ -132,6 +150,9 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
                 split = _split_k(-(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
             return KernelConfig(1, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="gemv")
         bn = block_n or 128
+        if bits == 4 and n >= STREAM_K_MIN_NK * k and block_n is None:  # gate_up-shaped: stream-K, no tail wave
+            return KernelConfig(16, bn, group_m=1, num_warps=4, num_stages=3, kind="scaled",
+                                stream_k=STREAM_K_PER_SM * sms)
         split = _split_k(-(-n // bn), k, tile, sms, SCALED_MIN_K)
         return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
     if bits in SWAP_BITS and m <= (SWAP_MAX_M_LARGE if n * k >= SWAP_LARGE_NK else SWAP_MAX_M)[bits]:
@@ -161,17 +182,24 @@ def save_table(table: dict[str, KernelConfig], path: str | os.PathLike) -> None:
 
 
 def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dtype) -> KernelConfig:
-    """Make a config legal: "scaled" needs codes that fit its magic constant (bf16: < 128, so not
-    8 bits); "gemv" has one row per program; tl.dot needs BLOCK_M >= 16; no more K splits than K
-    tiles (a table tuned on 128-k tiles may ask for more at 2 bits, whose tiles are 256 k)."""
+    """Make a config legal: "scaled" and half_dq need codes that fit their magic constant (bf16: < 128,
+    so not 8 bits); "gemv" has one row per program; tl.dot needs BLOCK_M >= 16; no more K splits than K
+    tiles (a table tuned on 128-k tiles may ask for more at 2 bits, whose tiles are 256 k); stream-K
+    only on dashq_linear_kernel's kinds, with split_k 1."""
     if cfg.kind == "scaled" and bits == 8 and dtype == torch.bfloat16:
         cfg = replace(cfg, kind="dot")
     if cfg.kind == "swap" and cfg.scaled and bits == 8 and dtype == torch.bfloat16:
         cfg = replace(cfg, scaled=False)
+    if cfg.half_dq and bits == 8 and dtype == torch.bfloat16:  # half_dq starts from the same magic operand
+        cfg = replace(cfg, half_dq=False)
     if cfg.kind == "gemv" and cfg.block_m != 1:
         cfg = replace(cfg, block_m=1)
     if cfg.kind not in ("gemv", "dequant") and cfg.block_m < 16:
         cfg = replace(cfg, block_m=16)
+    if cfg.stream_k and cfg.kind in ("wide", "dequant"):  # stream-K is dashq_linear_kernel's schedule
+        cfg = replace(cfg, stream_k=0)
+    if cfg.stream_k and cfg.split_k != 1:  # the programs share all of K: no separate split
+        cfg = replace(cfg, split_k=1)
     if cfg.split_k > max(1, k // k_tile(bits)):
         cfg = replace(cfg, split_k=max(1, k // k_tile(bits)))
     if cfg.kind == "wide":

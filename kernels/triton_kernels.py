@@ -245,6 +245,20 @@ def _dot(x, w, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _half_dequant(v, s, z, MAGIC: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
+    """half_dq's weights (v - MAGIC) s + z from the magic operand v, in DTYPE: one fused, packed FMA
+    (HFMA2, one rounding) per two weights on a GPU. The interpreter cannot do bf16 arithmetic (nor
+    its dot, :func:`_dot`): with DOT_F32 the FMA runs in float32 (exact product of two halves) and
+    is rounded to DTYPE once."""
+    if DOT_F32:
+        q = v.to(tl.float32) - MAGIC
+        w = (q * s.to(DTYPE).to(tl.float32) + z.to(DTYPE).to(tl.float32)).to(DTYPE)
+    else:
+        w = (v - MAGIC) * s.to(DTYPE) + z.to(DTYPE)
+    return w
+
+
+@triton.jit
 def _x_tile(x_ptr, offs_m, offs_k, mask_m, stride_xm, KX, EVEN_K: tl.constexpr, SWAP: tl.constexpr):
     """x's (BLOCK_M, 16) tile of rows offs_m and columns offs_k (SWAP: x^T, (16, BLOCK_M)); rows past
     M are zero, and so are columns past KX unless EVEN_K says there are none."""
@@ -273,13 +287,14 @@ def _mma(xo, w, acc, SWAP: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS: tl.constexpr,
+def _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, k_start, HAS_BIAS: tl.constexpr,
                ATOMIC: tl.constexpr):
-    """Add the bias (first K split only), round to y's dtype, store or atomically accumulate."""
+    """Add the bias (only the part of K starting at 0 does), round to y's dtype, store or atomically
+    accumulate."""
     mask_n = offs_n < N
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, b, 0.0)[None, :]
+        acc += tl.where(k_start == 0, b, 0.0)[None, :]
     out = acc.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
     ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = (offs_m[:, None] < M) & mask_n[None, :]
@@ -292,21 +307,14 @@ def _store_out(acc, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BI
 # --------------------------------------------------------------------------- the kernel
 
 
-@triton.jit(do_not_specialize=["M", "SPLIT_K"])  # one binary for every M of a config
-def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
-                        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PTX: tl.constexpr,
-                        EVEN_K: tl.constexpr, SWAP: tl.constexpr, HALF_DQ: tl.constexpr, KT: tl.constexpr):
-    """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); KT = layout.k_tile(BITS) divides K.
-    ATOMIC (SPLIT_K > 1): partial sums are atomically added into the zero-filled y.
-    PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`).
-    EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk).
-    SWAP (MODE_DOT / MODE_SCALED): y^T = W^T x^T, the weight tile is the dot's first operand
-    (BLOCK_N, 16), the activations the second (16, BLOCK_M), so on Hopper the unpacked weights feed
-    wgmma from registers and only x goes through shared memory (KERNELS.md "Mid M").
-    HALF_DQ (MODE_DOT, fp16 x): dequantize in packed half precision from the scaled mode's (PTX)
-    operand instead of float32 FMAs (sm_90: 22-40% fewer loop instructions; KERNELS.md v9)."""
+@triton.jit
+def _tile_pass(tile, t_start, t_end, x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym,
+               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+               DOT_F32: tl.constexpr, PTX: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr,
+               HALF_DQ: tl.constexpr, KT: tl.constexpr):
+    """Output tile ``tile`` over K tiles [t_start, t_end): accumulate, then store (or atomically add)
+    it; the bias goes with the pass that starts at K tile 0."""
     CPG: tl.constexpr = GROUP // 16  # chunks per group
     ROWS: tl.constexpr = 16 if MODE == MODE_GEMV else BLOCK_M  # accumulator rows
     # accumulator (A0, A1): (rows of x, BLOCK_N), or (BLOCK_N, BLOCK_M) when swapped
@@ -317,19 +325,15 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
 
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     r16 = tl.arange(0, 16)
-    k_tiles = K // KT
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_end = tl.minimum(per_split * (pid_k + 1), k_tiles)
     acc = tl.zeros((A0, A1), dtype=tl.float32)
     acc_z = tl.zeros((1, BLOCK_N), dtype=tl.float32)  # GEMV: sum(x) * szeros
-    for t in range(per_split * pid_k, t_end):
+    for t in range(t_start, t_end):
         k0 = t * KT
         main_a, main_b, hi = _tile_words(qw_ptr, t, BITS, K, offs_n, mask_n, N, SWAP)
         # per-group state, (re)set at each group's first chunk (defined here: static-if scoping)
@@ -358,8 +362,9 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
             else:
                 xo = _x_tile(x_ptr, offs_m, offs_k, mask_m, stride_xm, KX, EVEN_K, SWAP)
                 if MODE == MODE_DOT:
-                    if HALF_DQ:  # fp16: the scaled mode's operand MAGIC + q, minus MAGIC (exact), then q s + z in fp16
-                        w = (_chunk_operand(main_a, main_b, hi, c, BITS, DTYPE, PTX) - MAGIC) * s.to(DTYPE) + z.to(DTYPE)
+                    if HALF_DQ:  # the scaled mode's operand MAGIC + q, minus MAGIC (exact), then q s + z in DTYPE
+                        w = _half_dequant(_chunk_operand(main_a, main_b, hi, c, BITS, DTYPE, PTX), s, z, MAGIC, DTYPE,
+                                          DOT_F32)
                     else:
                         w = (_exact_float(q) * s + z).to(DTYPE, fp_downcast_rounding="rtne")
                     acc = _mma(xo, w, acc, SWAP, DOT_F32)
@@ -378,7 +383,46 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
         out = tl.trans(acc)
     else:
         out = acc
-    _store_out(out, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_k, HAS_BIAS, ATOMIC)
+    _store_out(out, y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, t_start, HAS_BIAS, ATOMIC)
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])  # one binary for every M of a config
+def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        GROUP_M: tl.constexpr, MODE: tl.constexpr, ATOMIC: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PTX: tl.constexpr,
+                        EVEN_K: tl.constexpr, SWAP: tl.constexpr, HALF_DQ: tl.constexpr, KT: tl.constexpr,
+                        STREAM_K: tl.constexpr):
+    """y[M, N] (+)= x[M, :KX] @ W[:K, N]; grid = (tiles of y, SPLIT_K); KT = layout.k_tile(BITS) divides K.
+    ATOMIC (SPLIT_K > 1 or STREAM_K): partial sums are atomically added into the zero-filled y.
+    PTX: the scaled mode unpacks with inline PTX (:func:`_chunk_operand`).
+    EVEN_K (KX == K, no padded tail): x is loaded without a k mask (fewer instructions per chunk).
+    SWAP (MODE_DOT / MODE_SCALED): y^T = W^T x^T, the weight tile is the dot's first operand
+    (BLOCK_N, 16), the activations the second (16, BLOCK_M), so on Hopper the unpacked weights feed
+    wgmma from registers and only x goes through shared memory (KERNELS.md "Mid M").
+    STREAM_K: SPLIT_K programs share the (output tile, K tile) iterations evenly, each a contiguous
+    range, flushed (atomically) at every output tile it leaves: no tail wave whatever the grid
+    (grid = (SPLIT_K,); KERNELS.md v11). Otherwise grid = (tiles, SPLIT_K), one K range per program.
+    HALF_DQ (MODE_DOT): dequantize in packed half precision (x's dtype) from the scaled mode's (PTX)
+    operand instead of float32 FMAs (sm_90: 22-40% fewer loop instructions; KERNELS.md v9, v11)."""
+    k_tiles = K // KT
+    if STREAM_K:
+        total = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N) * k_tiles
+        it0 = (tl.program_id(0).to(tl.int64) * total // SPLIT_K).to(tl.int32)
+        it1 = ((tl.program_id(0).to(tl.int64) + 1) * total // SPLIT_K).to(tl.int32)
+        for tile in range(it0 // k_tiles, tl.cdiv(it1, k_tiles)):
+            first = tile * k_tiles
+            _tile_pass(tile, tl.maximum(it0, first) - first, tl.minimum(it1, first + k_tiles) - first,
+                       x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym,
+                       BITS, GROUP, BLOCK_M, BLOCK_N, GROUP_M, MODE, ATOMIC, HAS_BIAS, DOT_F32, PTX, EVEN_K, SWAP,
+                       HALF_DQ, KT)
+    else:
+        per_split = tl.cdiv(k_tiles, SPLIT_K)
+        pid_k = tl.program_id(1)
+        _tile_pass(tl.program_id(0), per_split * pid_k, tl.minimum(per_split * (pid_k + 1), k_tiles),
+                   x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym,
+                   BITS, GROUP, BLOCK_M, BLOCK_N, GROUP_M, MODE, ATOMIC, HAS_BIAS, DOT_F32, PTX, EVEN_K, SWAP,
+                   HALF_DQ, KT)
 
 
 @triton.jit
@@ -515,7 +559,7 @@ def _mode(cfg: KernelConfig) -> int:
 
 def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: int, k: int,
            cfg: KernelConfig) -> None:
-    """Launch on 2-D x2 (M, KX) into y (M, n): y must be zero-filled when cfg.split_k > 1.
+    """Launch on 2-D x2 (M, KX) into y (M, n): y must be zero-filled when cfg.atomic.
 
     The first launch of a (config, dtypes, specialisation) goes through Triton's JIT; later ones
     call the cached compiled kernel directly, which skips the JIT's argument binding and cache
@@ -525,7 +569,10 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
     if cfg.kind == "dequant":
         _dequant_matmul(x2, qweight, scales, szeros, bias, y, bits, group_size, n, k, cfg)
         return
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k, 1)  # 3-D: compiled[grid]
+    if cfg.stream_k:  # the programs share every (tile, K tile) iteration: SPLIT_K carries their count
+        grid, splits = (cfg.stream_k, 1, 1), cfg.stream_k
+    else:
+        grid, splits = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k, 1), cfg.split_k
     b = bias if bias is not None else y
     if cfg.kind == "wide":
         kernel = dashq_gemm_kernel
@@ -534,12 +581,12 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
                     GROUP_M=cfg.group_m, SCALED=cfg.scaled, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET)
     else:
         kernel = dashq_linear_kernel
-        args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
+        args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), splits)
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
-                    MODE=_mode(cfg), ATOMIC=cfg.split_k > 1, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET,
+                    MODE=_mode(cfg), ATOMIC=cfg.atomic, HAS_BIAS=bias is not None, DOT_F32=_INTERPRET,
                     PTX=PTX_UNPACK and _PTX_PLATFORM and not _INTERPRET and x2.is_cuda,
-                    EVEN_K=kx == k, SWAP=cfg.kind == "swap", HALF_DQ=cfg.half_dq and x2.dtype == torch.float16,
-                    KT=k_tile(bits))
+                    EVEN_K=kx == k, SWAP=cfg.kind == "swap", HALF_DQ=cfg.half_dq,
+                    KT=k_tile(bits), STREAM_K=cfg.stream_k > 0)
     key = launch_key(kernel, meta, cfg, args)
     compiled = None if _INTERPRET else _COMPILED.get(key)
     if compiled is not None:
@@ -570,7 +617,7 @@ def triton_linear(x, qweight, scales, szeros, bits: int, group_size: int, n: int
     m = x2.shape[0]
     if cfg is None:
         cfg = pick_config(m, n, k, bits, group_size, x.device, x.dtype)
-    y = (torch.zeros if cfg.split_k > 1 else torch.empty)((m, n), dtype=x.dtype, device=x.device)
+    y = (torch.zeros if cfg.atomic else torch.empty)((m, n), dtype=x.dtype, device=x.device)
     if m > 0:
         launch(x2, qweight, scales, szeros, bias, y, bits, group_size, n, k, cfg)
     return y.reshape(*lead, n)

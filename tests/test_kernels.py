@@ -166,7 +166,7 @@ def test_launch_key_separates_what_a_binary_is_built_for():
 
 
 def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, block_m=None, half_dq=False,
-                  num_warps=4, num_stages=3):
+                  num_warps=4, num_stages=3, stream_k=False):
     """dashq_linear_kernel compiled for sm_90 on this machine (Triton's bundled ptxas; no GPU), with
     the divisibility a real launch specialises on."""
     triton = pytest.importorskip("triton")
@@ -183,7 +183,7 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, bloc
     consts = dict(BITS=bits, GROUP=64, BLOCK_M=block_m or (1 if mode == "gemv" else 16), BLOCK_N=128, GROUP_M=1,
                   MODE=MODES[mode], ATOMIC=True,
                   HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k, SWAP=swap,
-                  HALF_DQ=half_dq, KT=K.k_tile(bits))
+                  HALF_DQ=half_dq, KT=K.k_tile(bits), STREAM_K=stream_k)
     sig.update({k: "constexpr" for k in consts})
     names = dashq_linear_kernel.arg_names
     aligned = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KX", "stride_xm", "stride_ym")
@@ -237,6 +237,14 @@ def test_swap_feeds_weights_to_wgmma_from_registers(bits, mode):
         assert b.startswith("!ttg.memdesc<16x64x"), line
     # unswapped, the weight tile (16 x BLOCK_N) is a shared-memory operand
     assert any(" * !ttg.memdesc<16x128x" in line for line in dots(False))
+
+
+def test_stream_k_compiles_for_sm90():
+    """The stream-K kernel (a dynamic loop over output tiles around the K loop) compiles for sm_90 in
+    both modes it is tuned for; its numbers are checked in the interpreter and on a GPU."""
+    for bits, mode, half in ((4, "scaled", False), (2, "dot", True)):
+        k = _compile_sm90(bits, torch.float16, True, mode=mode, half_dq=half, stream_k=True)
+        assert k.asm["cubin"] and "red.global.gpu.relaxed.add" in k.asm["ptx"]  # the atomic flush
 
 
 def test_half_dequant_compiles_to_half_fmas():
@@ -329,43 +337,94 @@ def test_committed_tuned_tables_load(path, monkeypatch):
             assert bucket == 1, (key, cfg)  # one row per program: M = 1 only
 
 
-# (K, N) of Llama-3-8B's and -70B's layers -> the M = 1 "scaled" (block_n, split_k) that timed best on
-# an H200: 2 bits g64 on the v7 layout (benchmarks/results/kernels_v7_tune_h200.json; gate_up's split
-# 2 within 1% of split 1), 3 bits g128 on the v8 layout (kernels_v8_3b_h200.log; there down and the
-# 70B o_proj timed best at split 4 and 2, which the committed table holds, so they are not pinned)
-M1_BEST_H200 = {
-    (2, 64): {(4096, 6144): (64, 8), (4096, 4096): (64, 8), (14336, 4096): (64, 16), (4096, 28672): (64, 2),
-              (8192, 10240): (64, 4), (8192, 8192): (64, 8), (8192, 57344): (64, 1), (28672, 8192): (64, 8)},
-    (3, 128): {(4096, 6144): (64, 8), (4096, 4096): (64, 8), (4096, 28672): (64, 2), (8192, 10240): (64, 4),
-               (8192, 57344): (64, 1), (28672, 8192): (64, 8)},
+# (K, N) of Llama-3-8B's and -70B's layers -> the v11 H200 sweep at M = 1 (benchmarks/results/
+# kernels_v11_sweep.json, CUDA graphs): (best of every swept config, {split_k: time of the "dot" kind with
+# half_dq, 64 wide, 4 warps}) in us
+M1_HALF_DQ_H200 = {
+    2: {
+        (4096, 6144): (11.2, {2: 13.0, 4: 11.2, 8: 12.0, 16: 15.2}),
+        (4096, 4096): (8.9, {2: 10.2, 4: 8.9, 8: 9.3, 16: 11.5}),
+        (4096, 28672): (31.2, {1: 33.4, 2: 31.2, 4: 33.7}),
+        (14336, 4096): (18.5, {4: 19.0, 8: 18.5, 16: 19.8, 32: 23.5}),
+        (8192, 10240): (24.5, {1: 36.5, 2: 28.2, 4: 24.5, 8: 26.0}),
+        (8192, 8192): (20.8, {2: 21.5, 4: 20.8, 8: 22.0, 16: 25.7}),
+        (8192, 57344): (101.8, {1: 101.8, 2: 102.8}),
+        (28672, 8192): (55.4, {2: 62.2, 4: 56.7, 8: 55.4, 16: 57.1}),
+    },
+    3: {
+        (4096, 6144): (13.6, {2: 15.1, 4: 13.6, 8: 16.1, 16: 16.1}),
+        (4096, 4096): (10.3, {2: 10.6, 4: 10.3, 8: 13.4, 16: 13.5}),
+        (4096, 28672): (39.8, {1: 41.0, 2: 39.8, 4: 44.4}),
+        (14336, 4096): (22.1, {4: 22.1, 8: 25.7, 16: 26.2, 32: 32.1}),
+        (8192, 10240): (30.9, {1: 40.0, 2: 32.9, 4: 30.9, 8: 33.3}),
+        (8192, 8192): (24.4, {2: 24.4, 4: 25.7, 8: 28.3, 16: 37.2}),
+        (8192, 57344): (124.9, {1: 124.9, 2: 127.8}),
+        (28672, 8192): (68.3, {2: 68.3, 4: 69.0, 8: 68.9, 16: 74.1}),
+    },
 }
 
 
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (2, 32), (3, 32)])
 def test_heuristic_m1_low_bit_picks(bits, group):
-    """The heuristic's decode configs at 2/3 bits: >= LOW_BIT_MIN_K of K per program; for groups >= 64
-    the tensor-core scaled kind with 64-wide tiles at M = 1-16 (the M = 1 picks measured best on the
-    H200), for g32 the GEMV at M = 1 (64-wide only when 128-wide tiles cannot fill the GPU) and the
-    scaled kind at M = 16; an explicit block_n is kept; 4 bits keeps 128-wide scaled tiles."""
+    """The heuristic's decode configs at 2/3 bits. Groups >= 64: the "dot" kind dequantizing in half
+    precision, 64-wide tiles, >= HALF_DQ_MIN_TILES K tiles per program, the same at M = 1-16; its
+    split is within 12% of the best config of the v11 H200 sweep on every 8B/70B layer. g32: the GEMV
+    at M = 1 (>= LOW_BIT_MIN_K per program, 64-wide only when 128-wide tiles cannot fill the GPU) and
+    the scaled kind at M = 16. An explicit block_n is kept; 4 bits keeps 128-wide scaled tiles."""
     from dashq_vllm.kernels import configs as C
 
-    kind = "scaled" if group >= 64 else "gemv"
-    for (k, n), best in M1_BEST_H200.get((bits, group), M1_BEST_H200[(2, 64)]).items():
+    half = group >= 64
+    for (k, n), (best, by_split) in M1_HALF_DQ_H200[bits].items():
         cfg = C.heuristic_config(1, n, k, bits, group, sms=132)
-        assert cfg.kind == kind and cfg.block_m == (16 if kind == "scaled" else 1), cfg
-        if (bits, group) in M1_BEST_H200:
-            assert (cfg.block_n, cfg.split_k) == best, ((k, n), cfg)
-        assert k // cfg.split_k >= C.LOW_BIT_MIN_K or cfg.split_k == 1
+        if half:
+            assert (cfg.kind, cfg.half_dq, cfg.block_m, cfg.block_n, cfg.num_warps) == ("dot", True, 16, 64, 4), cfg
+            assert by_split[cfg.split_k] <= 1.12 * best, ((k, n), cfg.split_k, by_split)
+            assert k // cfg.split_k >= C.HALF_DQ_MIN_TILES * K.k_tile(bits) or cfg.split_k == 1
+        else:
+            assert (cfg.kind, cfg.block_m) == ("gemv", 1), cfg
+            assert k // cfg.split_k >= C.LOW_BIT_MIN_K or cfg.split_k == 1
         assert C.heuristic_config(1, n, k, bits, group, sms=132, block_n=128).block_n == 128
         m16 = C.heuristic_config(16, n, k, bits, group, sms=132)
-        assert m16.kind == "scaled"
-        if kind == "scaled":  # the same rule at M = 2-16
-            assert (m16.block_n, m16.split_k) == (cfg.block_n, cfg.split_k), ((k, n), m16)
+        assert m16.kind == ("dot" if half else "scaled")
+        if half:  # the same rule at M = 2-16
+            assert m16 == cfg, ((k, n), m16)
     # a small layer (Qwen-1.5B's o_proj) still gets a legal config; 4 bits stays on the tensor cores
     small = C.heuristic_config(1, 1536, 1536, bits, group, sms=132)
-    assert small.kind == kind and small.split_k >= 1 and small.block_n in (64, 128)
+    assert small.kind == ("dot" if half else "gemv") and small.split_k >= 1 and small.block_n in (64, 128)
     four = C.heuristic_config(1, 6144, 4096, 4, 128, sms=132)
-    assert (four.kind, four.block_n, four.split_k) == ("scaled", 128, 16)
+    assert (four.kind, four.block_n, four.split_k, four.stream_k) == ("scaled", 128, 16, 0)
+
+
+# 4 bits g128 at M = 1 and 16, the v11 H200 stream-K sweep (benchmarks/results/kernels_v11sk_sweep.json, CUDA
+# graphs): (K, N) -> (best split-K config's time, best stream-K config's time) in us
+STREAM_K_H200 = {
+    (4096, 28672): ((32.5, 30.5), (35.5, 32.7)), (8192, 57344): ((100.4, 97.5), (108.7, 105.6)),
+    (14336, 4096): ((17.7, 19.5), (19.5, 20.7)), (4096, 6144): ((11.3, 12.0), (12.9, 12.9)),
+    (28672, 8192): ((51.7, 52.1), (56.7, 56.7)),
+}
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_heuristic_stream_k_where_it_won(m):
+    """4-bit decode takes stream-K (STREAM_K_PER_SM programs per SM, split_k 1) exactly on the
+    gate_up-shaped layers (N >= STREAM_K_MIN_NK * K), where the H200 sweep timed it faster than every
+    split-K config, and split-K where it did not win; 2/3 bits and an explicit block_n never take it."""
+    from dashq_vllm.kernels import configs as C
+
+    for (k, n), times in STREAM_K_H200.items():
+        split_us, stream_us = times[m == 16]
+        cfg = C.heuristic_config(m, n, k, 4, 128, sms=132)
+        assert (cfg.stream_k > 0) == (stream_us < 0.98 * split_us), ((k, n), cfg)
+        if cfg.stream_k:
+            assert (cfg.stream_k, cfg.split_k, cfg.kind, cfg.block_n) == (C.STREAM_K_PER_SM * 132, 1, "scaled", 128)
+            assert cfg.atomic and C.fit_config(cfg, k, 128, 4, torch.float16) == cfg
+        assert C.heuristic_config(m, n, k, 2, 64, sms=132).stream_k == 0
+        assert C.heuristic_config(m, n, k, 4, 128, sms=132, block_n=128).stream_k == 0
+    # fit_config: only dashq_linear_kernel's kinds take it, always with split_k 1
+    assert C.fit_config(C.KernelConfig(16, 128, split_k=4, kind="scaled", stream_k=96), 4096, 128, 4,
+                        torch.float16).split_k == 1
+    assert C.fit_config(C.KernelConfig(128, 128, kind="dequant", stream_k=96), 4096, 128, 4,
+                        torch.float16).stream_k == 0
 
 
 # the heuristic at mid M: the v9/v10 H200 sweeps' rule (benchmarks/results/kernels_v10_sweep.json; each

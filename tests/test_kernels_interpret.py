@@ -62,7 +62,7 @@ else:
 
     # (M, config): decode = BLOCK_M = 16 with split-K; gemv = CUDA-core kernel; gemm = larger tiles,
     # grouped order, no split. "dot" dequantizes before tl.dot, "scaled" scales after it; "swap" puts the
-# weights first in the dot (either way).
+    # weights first in the dot (either way).
     PATHS = {
         "decode-dot": (3, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1)),
         "decode-scaled": (5, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1, kind="scaled")),
@@ -76,15 +76,20 @@ else:
         # swapped operands (y^T = W^T x^T): split-K decode and an unsplit GEMM with 2 token tiles
         "swap-scaled": (5, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1, kind="swap")),
         "swap-dot": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2, kind="swap", scaled=False)),
-        # fp16 dequantization from the magic operand (bf16 x ignores half_dq)
+        # dequantization in x's dtype from the magic operand (8 bits with bf16 x: in float32, fit_config)
         "swap-dot-half": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2, kind="swap", scaled=False,
                                                       half_dq=True)),
+        "decode-dot-half": (3, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1, half_dq=True)),
+        # stream-K: 2 output tiles x 2 K tiles shared by 3 programs (ranges cross a tile boundary) or by 5
+        # (some programs get no iteration)
+        "stream-k-scaled": (5, lambda dt: KernelConfig(16, 32, group_m=1, kind="scaled", stream_k=3)),
+        "stream-k-dot-half": (3, lambda dt: KernelConfig(16, 32, group_m=1, half_dq=True, stream_k=5)),
     }
 
     def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
         """One kernel path on fresh random data against float64; N = 40 is not a multiple of
         BLOCK_N. y has 8 poisoned spare columns that must stay untouched; its body is NaN-poisoned
-        too, except under split-K, which accumulates into a zero-filled output by contract."""
+        too, except under split-K or stream-K, which accumulate into a zero-filled output by contract."""
         m, make_cfg = PATHS[path]
         cfg = make_cfg(dtype)
         n = 40
@@ -95,7 +100,7 @@ else:
         bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
         y_full = torch.full((m, n + 8), float("nan"), dtype=dtype)
         y = y_full[:, :n]
-        if cfg.split_k > 1:
+        if cfg.atomic:
             y.zero_()
         launch(x, kw.qweight, kw.scales, kw.szeros, bias, y, bits, group, n, kw.k, cfg)
         assert torch.isnan(y_full[:, n:]).all(), "wrote outside the output"
@@ -108,6 +113,8 @@ else:
     @pytest.mark.parametrize("group", [32, 64, 128])
     @pytest.mark.parametrize("bits", [2, 3, 4, 8])
     def test_triton_kernel_vs_float64(bits, group, dtype, path):
+        if PATHS[path][1](dtype).stream_k and dtype == torch.bfloat16:
+            pytest.skip("stream-K accumulates atomically, and the interpreter has no bf16 atomics (GPU check only)")
         # x unpadded (k_in < K); two K tiles (split-K: one each)
         _check_path(bits, group, dtype, path, 2 * K.k_tile(bits) - 5,
                     zlib.crc32(f"{bits}{group}{dtype}{path}".encode()), (bits + group) % 2 == 0)
