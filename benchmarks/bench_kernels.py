@@ -279,9 +279,11 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     "swap-dot-half-128": (200, KernelConfig(128, 64, num_warps=4, num_stages=2, kind="swap", scaled=False,
                                             half_dq=True)),
     "decode-dot-half": (5, KernelConfig(16, 64, split_k=4, group_m=1, kind="dot", half_dq=True)),
-    # 96 programs share CHECK_N's 8-16 output tiles x 8-16 K tiles: ranges cross tile boundaries
-    "stream-k-scaled": (5, KernelConfig(16, 128, group_m=1, kind="scaled", stream_k=96)),
-    "stream-k-dot-half": (16, KernelConfig(16, 64, group_m=1, kind="dot", half_dq=True, stream_k=96)),
+    # 12 programs share CHECK_N's 8 (128 wide) or 16 (64 wide) output tiles x CHECK_K's 4 (3 bits) to 16 (4 bits)
+    # K tiles, 2.7-21 iterations each: 4-12 of the ranges cross an output tile at every width (the v11 check
+    # ran 96 programs, where ranges crossed only at 4 bits and in 2-bit dot-half)
+    "stream-k-scaled": (5, KernelConfig(16, 128, group_m=1, kind="scaled", stream_k=12)),
+    "stream-k-dot-half": (16, KernelConfig(16, 64, group_m=1, kind="dot", half_dq=True, stream_k=12)),
 }
 
 

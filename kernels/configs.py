@@ -46,7 +46,8 @@ class KernelConfig:
     half_dq: bool = False  # "dot", "swap" with scaled=False: dequantize as q * s + z in x's dtype (packed
     # HFMA2) from the PTX-unpacked codes instead of float32 FMAs (not 8 bits with bf16 x)
     stream_k: int = 0  # "dot"/"scaled"/"gemv"/"swap": this many programs share the (output tile, K tile)
-    # iterations evenly, flushing atomically (no tail wave; split_k is then unused); 0: one K range per program
+    # iterations evenly, flushing atomically (no tail wave; split_k is then unused); 0: one K range per program.
+    # A sweep candidate and check variant; no table entry or heuristic uses it yet (KERNELS.md v11)
     nk: bool = False  # "dequant": write the dense weight as (N, K), F.linear's layout, instead of (K, N) (cuBLAS
     # is 1.5-1.6x faster that way on gate_up shapes at M = 128 on an H200; results/cublas_layout_h200.json)
 
@@ -91,11 +92,6 @@ LOW_BIT_MIN_K = 512
 # K tiles per 2/3-bit decode program of the fp16-dequantizing "dot" kind (v11 H200 sweep, KERNELS.md v11: the
 # measured-best split or within 12% of it on every 8B/70B layer at M = 1, 2% on average)
 HALF_DQ_MIN_TILES = 4
-# 4-bit decode on layers with N >= STREAM_K_MIN_NK * K (gate_up-shaped): STREAM_K_PER_SM programs per SM (what
-# the 4-bit scaled kernel's 121 registers let run at once) share the work evenly (v11 H200 sweep: 3-8.5% faster
-# than the best split-K on the 8B and 70B gate_up layers at M = 1-16, slower on the other shapes)
-STREAM_K_MIN_NK = 3
-STREAM_K_PER_SM = 4
 
 
 # mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize +
@@ -128,13 +124,13 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     M <= 16: the tensor-core "scaled" kind. At 2/3 bits with groups >= 64 the "dot" kind dequantizing in
     half precision (half_dq) instead, in 64-wide tiles of 4 warps keeping >= HALF_DQ_MIN_TILES K tiles per
     program (1.1-1.3x faster than "scaled" at 2 bits on the H200, KERNELS.md v11; the inline-PTX unpack on
-    the v7/v8 layouts made both win over the GEMV). At 4 bits on layers at least STREAM_K_MIN_NK times as
-    wide as deep, stream-K over STREAM_K_PER_SM programs per SM. At 2/3-bit g32 and M = 1 the CUDA-core
-    GEMV, >= LOW_BIT_MIN_K per program, narrowed to 64 columns (unless block_n is given) when 128-wide
-    tiles cannot fill the GPU.
+    the v7/v8 layouts made both win over the GEMV). At 2/3-bit g32 and M = 1 the CUDA-core GEMV, >=
+    LOW_BIT_MIN_K per program, narrowed to 64 columns (unless block_n is given) when 128-wide tiles cannot
+    fill the GPU. No heuristic pick uses stream-K yet (KERNELS.md v11: faster on 4-bit gate_up-shaped
+    layers, but not yet checked on a GPU with ranges that cross output tiles).
     Mid M at 2-4 bits (up to SWAP_MAX_M; SWAP_MAX_M_LARGE, one bucket more at 3/4 bits, on layers of
     >= SWAP_LARGE_NK weights): the "swap" kind (weights as the dot's first operand), scaled after the
-    dot on 32-token tiles, dequantized before it (in fp16 where x is) on 64/128-token tiles; otherwise
+    dot on 32-token tiles, dequantized before it (in x's dtype) on 64/128-token tiles; otherwise
     (and at 8 bits) dequantize to a dense temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
@@ -150,9 +146,6 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
                 split = _split_k(-(-n // bn), k, tile, sms, LOW_BIT_MIN_K)
             return KernelConfig(1, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="gemv")
         bn = block_n or 128
-        if bits == 4 and n >= STREAM_K_MIN_NK * k and block_n is None:  # gate_up-shaped: stream-K, no tail wave
-            return KernelConfig(16, bn, group_m=1, num_warps=4, num_stages=3, kind="scaled",
-                                stream_k=STREAM_K_PER_SM * sms)
         split = _split_k(-(-n // bn), k, tile, sms, SCALED_MIN_K)
         return KernelConfig(16, bn, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="scaled")
     if bits in SWAP_BITS and m <= (SWAP_MAX_M_LARGE if n * k >= SWAP_LARGE_NK else SWAP_MAX_M)[bits]:

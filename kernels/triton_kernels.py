@@ -8,7 +8,8 @@ as two halves; 3 bits' two 2-bit blocks per tile likewise) and shifts them by th
 one immediate shift per plane for the whole chunk, one mask per code, no reshuffling of
 registers. Each chunk is consumed by one of three MODEs:
 
-* ``MODE_DOT``: dequantize in registers (``q * s + szeros``, float32 FMA) then ``tl.dot``;
+* ``MODE_DOT``: dequantize in registers (``q * s + szeros``: a float32 FMA, or with HALF_DQ a packed
+  fp16/bf16 FMA from the scaled mode's operand) then ``tl.dot``;
 * ``MODE_SCALED``: ``tl.dot`` on the raw codes (made exact half floats ``MAGIC + q`` with one OR,
   no int->float conversion), and per group ``acc += part * s + sum(x) * (szeros - MAGIC * s)``:
   the scale costs one FMA per output per group instead of one per weight;
@@ -26,8 +27,9 @@ MODE_DOT). Config kind "dequant" (large M) instead writes the
 dense weight once (``dashq_dequant_kernel``) and hands it to cuBLAS.
 
 The decode path (M <= 16) uses BLOCK_M = 16 (or GEMV), narrow N tiles and split-K over the grid's
-second axis (partial sums are atomically added into the zero-filled output); the GEMM path uses
-large tiles, an L2-friendly grouped tile order and no split.
+second axis (partial sums are atomically added into the zero-filled output), or with STREAM_K a
+fixed number of programs sharing every (output tile, K tile) iteration; the GEMM path uses large
+tiles, an L2-friendly grouped tile order and no split.
 """
 
 from __future__ import annotations
@@ -247,9 +249,10 @@ def _dot(x, w, acc, DOT_F32: tl.constexpr):
 @triton.jit
 def _half_dequant(v, s, z, MAGIC: tl.constexpr, DTYPE: tl.constexpr, DOT_F32: tl.constexpr):
     """half_dq's weights (v - MAGIC) s + z from the magic operand v, in DTYPE: one fused, packed FMA
-    (HFMA2, one rounding) per two weights on a GPU. The interpreter cannot do bf16 arithmetic (nor
-    its dot, :func:`_dot`): with DOT_F32 the FMA runs in float32 (exact product of two halves) and
-    is rounded to DTYPE once."""
+    (HFMA2) per two weights on a GPU, with s and z first rounded to DTYPE (with bf16 x and fp16
+    scales that costs precision: KERNELS.md v11). The interpreter cannot do bf16 arithmetic (nor its
+    dot, :func:`_dot`): with DOT_F32 the same FMA runs in float32 (the product of two halves is exact)
+    and is then rounded to DTYPE."""
     if DOT_F32:
         q = v.to(tl.float32) - MAGIC
         w = (q * s.to(DTYPE).to(tl.float32) + z.to(DTYPE).to(tl.float32)).to(DTYPE)

@@ -240,25 +240,32 @@ def test_swap_feeds_weights_to_wgmma_from_registers(bits, mode):
 
 
 def test_stream_k_compiles_for_sm90():
-    """The stream-K kernel (a dynamic loop over output tiles around the K loop) compiles for sm_90 in
-    both modes it is tuned for; its numbers are checked in the interpreter and on a GPU."""
+    """The stream-K kernel compiles for sm_90 in both modes it is tuned for, as the split-K kernel
+    plus one dynamic loop over the output tiles a program's range touches (around the K loop); its
+    numbers are checked in the interpreter and on a GPU."""
     for bits, mode, half in ((4, "scaled", False), (2, "dot", True)):
-        k = _compile_sm90(bits, torch.float16, True, mode=mode, half_dq=half, stream_k=True)
-        assert k.asm["cubin"] and "red.global.gpu.relaxed.add" in k.asm["ptx"]  # the atomic flush
+        stream = _compile_sm90(bits, torch.float16, True, mode=mode, half_dq=half, stream_k=True)
+        split = _compile_sm90(bits, torch.float16, True, mode=mode, half_dq=half)
+        assert stream.asm["cubin"]
+        assert stream.asm["ttir"].count("scf.for") == split.asm["ttir"].count("scf.for") + 1
 
 
-def test_half_dequant_compiles_to_half_fmas():
-    """KernelConfig.half_dq (HALF_DQ): the dot mode dequantizes with fp16 FMAs from the PTX-unpacked
-    operand, so no float32 FMA is left in the kernel; without it, one float32 FMA per weight."""
+@pytest.mark.parametrize("dtype,half_fma", [(torch.float16, r"fma\.rn\.f16"), (torch.bfloat16, r"fma\.rn\.bf16")])
+@pytest.mark.parametrize("swap", [True, False])
+def test_half_dequant_compiles_to_half_fmas(dtype, half_fma, swap):
+    """KernelConfig.half_dq (HALF_DQ): the dot mode (swapped at mid M, unswapped at decode) dequantizes
+    with fused fp16/bf16 FMAs (one rounding of q s + z) from the PTX-unpacked operand, so no float32 FMA
+    and no separate half multiply is left; without it, one float32 FMA per weight."""
     import re
 
     def fmas(half):
-        ptx = _compile_sm90(4, torch.float16, True, mode="dot", swap=True, block_m=64, half_dq=half).asm["ptx"]
-        return len(re.findall(r"fma\.rn\.f32", ptx)), len(re.findall(r"fma\.rn\.f16", ptx))
+        ptx = _compile_sm90(4, dtype, True, mode="dot", swap=swap, block_m=64 if swap else 16, half_dq=half).asm["ptx"]
+        return (len(re.findall(r"fma\.rn\.f32", ptx)), len(re.findall(half_fma, ptx)),
+                len(re.findall(r"mul\.rn\.b?f16", ptx)))
 
-    f32, f16 = fmas(True)
-    assert f32 == 0 and f16 > 0, (f32, f16)
-    f32, f16 = fmas(False)
+    f32, f16, mul16 = fmas(True)
+    assert f32 == 0 and f16 > 0 and mul16 == 0, (f32, f16, mul16)
+    f32, f16, _ = fmas(False)
     assert f32 > 0 and f16 == 0, (f32, f16)
 
 
@@ -395,36 +402,26 @@ def test_heuristic_m1_low_bit_picks(bits, group):
     assert (four.kind, four.block_n, four.split_k, four.stream_k) == ("scaled", 128, 16, 0)
 
 
-# 4 bits g128 at M = 1 and 16, the v11 H200 stream-K sweep (benchmarks/results/kernels_v11sk_sweep.json, CUDA
-# graphs): (K, N) -> (best split-K config's time, best stream-K config's time) in us
-STREAM_K_H200 = {
-    (4096, 28672): ((32.5, 30.5), (35.5, 32.7)), (8192, 57344): ((100.4, 97.5), (108.7, 105.6)),
-    (14336, 4096): ((17.7, 19.5), (19.5, 20.7)), (4096, 6144): ((11.3, 12.0), (12.9, 12.9)),
-    (28672, 8192): ((51.7, 52.1), (56.7, 56.7)),
-}
+def test_stream_k_configs_are_normalised_and_not_picked_yet():
+    """KernelConfig.stream_k: fit_config keeps it only on dashq_linear_kernel's kinds, always with
+    split_k 1 (the programs share all of K), and it makes a config atomic (zero-filled output). No
+    heuristic pick or committed table entry uses it until a GPU check covers ranges that cross output
+    tiles (KERNELS.md v11)."""
+    import json
 
-
-@pytest.mark.parametrize("m", [1, 16])
-def test_heuristic_stream_k_where_it_won(m):
-    """4-bit decode takes stream-K (STREAM_K_PER_SM programs per SM, split_k 1) exactly on the
-    gate_up-shaped layers (N >= STREAM_K_MIN_NK * K), where the H200 sweep timed it faster than every
-    split-K config, and split-K where it did not win; 2/3 bits and an explicit block_n never take it."""
     from dashq_vllm.kernels import configs as C
 
-    for (k, n), times in STREAM_K_H200.items():
-        split_us, stream_us = times[m == 16]
-        cfg = C.heuristic_config(m, n, k, 4, 128, sms=132)
-        assert (cfg.stream_k > 0) == (stream_us < 0.98 * split_us), ((k, n), cfg)
-        if cfg.stream_k:
-            assert (cfg.stream_k, cfg.split_k, cfg.kind, cfg.block_n) == (C.STREAM_K_PER_SM * 132, 1, "scaled", 128)
-            assert cfg.atomic and C.fit_config(cfg, k, 128, 4, torch.float16) == cfg
-        assert C.heuristic_config(m, n, k, 2, 64, sms=132).stream_k == 0
-        assert C.heuristic_config(m, n, k, 4, 128, sms=132, block_n=128).stream_k == 0
-    # fit_config: only dashq_linear_kernel's kinds take it, always with split_k 1
-    assert C.fit_config(C.KernelConfig(16, 128, split_k=4, kind="scaled", stream_k=96), 4096, 128, 4,
-                        torch.float16).split_k == 1
+    cfg = C.fit_config(C.KernelConfig(16, 128, split_k=4, kind="scaled", stream_k=96), 4096, 128, 4, torch.float16)
+    assert (cfg.split_k, cfg.stream_k, cfg.atomic) == (1, 96, True)
     assert C.fit_config(C.KernelConfig(128, 128, kind="dequant", stream_k=96), 4096, 128, 4,
                         torch.float16).stream_k == 0
+    assert not C.KernelConfig(16, 128).atomic and C.KernelConfig(16, 128, split_k=2).atomic
+    for m in (1, 16, 64, 1024):
+        for k, n in ((4096, 28672), (8192, 57344), (14336, 4096)):
+            for bits, group in ((4, 128), (3, 128), (2, 64), (2, 32)):
+                assert C.heuristic_config(m, n, k, bits, group, sms=132).stream_k == 0
+    for path in sorted(C.TUNED_DIR.glob("*.json")):
+        assert not any(v.get("stream_k") for v in json.loads(path.read_text()).values()), path
 
 
 # the heuristic at mid M: the v9/v10 H200 sweeps' rule (benchmarks/results/kernels_v10_sweep.json; each

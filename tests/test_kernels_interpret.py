@@ -80,10 +80,12 @@ else:
         "swap-dot-half": (37, lambda dt: KernelConfig(32, 32, split_k=1, group_m=2, kind="swap", scaled=False,
                                                       half_dq=True)),
         "decode-dot-half": (3, lambda dt: KernelConfig(16, 32, split_k=_split(dt), group_m=1, half_dq=True)),
-        # stream-K: 2 output tiles x 2 K tiles shared by 3 programs (ranges cross a tile boundary) or by 5
-        # (some programs get no iteration)
-        "stream-k-scaled": (5, lambda dt: KernelConfig(16, 32, group_m=1, kind="scaled", stream_k=3)),
-        "stream-k-dot-half": (3, lambda dt: KernelConfig(16, 32, group_m=1, half_dq=True, stream_k=5)),
+        # stream-K over N = 40 and two K tiles: 3 output tiles x 2 shared by 4 programs (one range ends half
+        # way into a tile and goes on into the next: [1, 3)), 2 x 2 by 7 (some get no iteration) or by 1 (one
+        # program walks both tiles)
+        "stream-k-scaled": (5, lambda dt: KernelConfig(16, 16, group_m=1, kind="scaled", stream_k=4)),
+        "stream-k-dot-half": (3, lambda dt: KernelConfig(16, 32, group_m=1, half_dq=True, stream_k=7)),
+        "stream-k-gemv": (1, lambda dt: KernelConfig(1, 32, kind="gemv", stream_k=1)),
     }
 
     def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
