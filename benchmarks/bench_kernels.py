@@ -560,7 +560,8 @@ def run_bench(dev, info, m_list, bit_configs, shapes, with_graph):
                     +
                     f"{row['pct_floor']:5.1f}% floor  x{row['speedup']:5.2f} fp16"
                     + (f"  graph {row['graph_us']:7.1f} us x{row['graph_speedup']:5.2f}" if "graph_us" in row else "")
-                    + (f"  machete {row['machete_us']:7.1f} us x{row['vs_machete']:5.2f}" if "machete_us" in row else "")
+                    + (f"  machete {row['machete_us']:7.1f} us x{row['vs_machete']:5.2f}"
+                       if "machete_us" in row else "")
                     + (f" graph {row['machete_graph_us']:7.1f} us x{row['graph_vs_machete']:5.2f}"
                        if "machete_graph_us" in row else ""))
             del W, mc
@@ -847,7 +848,8 @@ def main():
     ap.add_argument("--wide", action="store_true", help="GEMM sweep: the 'wide' kernel against dequant + cuBLAS")
     ap.add_argument("--tag", default="")
     ap.add_argument("--single", default="", help="shape,bits,group,m: only launch that (for ncu)")
-    ap.add_argument("--single-config", default="", help="with --single: KernelConfig fields as JSON instead of the pick")
+    ap.add_argument("--single-config", default="",
+                    help="with --single: KernelConfig fields as JSON instead of the pick")
     ap.add_argument("--check-paths", default="", help="only these check paths (names as in the log, e.g. "
                     "default-m1,decode-dot-half)")
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a results JSON (CPU)")

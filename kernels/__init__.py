@@ -29,15 +29,16 @@ Forward (every call)::
   * ``torch.ops.dashq.linear`` is a ``torch.library`` op (schema ``_SCHEMA``; CPU and CUDA
     kernels, a fake kernel), so it traces under torch.compile (fullgraph checked on an H100).
     CUDA, by M = prod(leading dims): M <= 16 -> split-K decode kernels (tensor-core: "scaled" at 4
-    bits, "dot" dequantizing in x's dtype at 2/3 bits; CUDA-core GEMV at 2/3-bit g32), 16 < M <= 128 (64 at 3 bits) -> the "swap" GEMM (y^T = W^T x^T: unpacked
-    weights feed Hopper's wgmma from registers; split-K), larger M (and 8 bits) -> one Triton pass
-    dequantizing to a dense temporary, then cuBLAS (the only path allocating besides the output,
-    through PyTorch's caching allocator). No host syncs, no data-dependent Python branches; the
-    decode and swap paths allocate only the output (``torch.zeros`` when split-K or stream-K adds
-    partial sums with atomics), so the op can be captured in CUDA graphs. Configs depend only on (M bucket, n, k,
-    bits, group, GPU): a tuned table (``kernels/tuned/<gpu>.json``, or ``$DASHQ_KERNEL_CONFIGS``)
-    over heuristics (``kernels/configs.py``). The first call of a new config compiles (5-15 s),
-    so warm up every batch size before graph capture (vLLM does).
+    bits, "dot" dequantizing in x's dtype at 2/3 bits; the CUDA-core GEMV at 2/3-bit g32 and M = 1),
+    16 < M <= 128 (64 at 3 bits) -> the "swap" GEMM (y^T = W^T x^T: unpacked weights feed Hopper's
+    wgmma from registers; split-K), larger M (and 8 bits) -> one Triton pass dequantizing to a dense
+    temporary, then cuBLAS (the only path allocating besides the output, through PyTorch's caching
+    allocator). No host syncs, no data-dependent Python branches; the decode and swap paths allocate
+    only the output (``torch.zeros`` when split-K or stream-K adds partial sums with atomics), so the
+    op can be captured in CUDA graphs. Configs depend only on (M bucket, n, k, bits, group, GPU): a
+    tuned table (``kernels/tuned/<gpu>.json``, or ``$DASHQ_KERNEL_CONFIGS``) over heuristics
+    (``kernels/configs.py``). The first call of a new config compiles (5-15 s), so warm up every
+    batch size before graph capture (vLLM does).
     Other devices: the pure-torch reference (unpack -> dequantize -> F.linear, ``reference_linear``).
 """
 
