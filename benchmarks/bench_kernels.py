@@ -386,13 +386,18 @@ def check_compile(dev):
 # --------------------------------------------------------------------------- benchmark
 
 
+def sets_over_l2(set_bytes, l2):
+    """How many rotating sets of set_bytes each to cycle through so they span over 2x L2 (at least 2)."""
+    return max(2, math.ceil(2 * l2 / set_bytes) + 1)
+
+
 class Weights:
     """Rotating random weight sets of one (K, N, bits, group), over 2x L2 in total."""
 
     def __init__(self, k, n, bits, group, dev, l2, dtype=torch.float16):
         self.k, self.n, self.bits, self.group = k, n, bits, group
         self.bytes = k * bits // 32 * n * 4 + 2 * (k // group) * n * 2
-        self.count = max(2, math.ceil(2 * l2 / self.bytes) + 1)
+        self.count = sets_over_l2(self.bytes, l2)
         self.sets = []
         for _ in range(self.count):
             qw = torch.randint(-2**31, 2**31 - 1, (k * bits // 32, n), dtype=torch.int32, device=dev)
@@ -405,7 +410,7 @@ class Weights:
 class Dense:
     def __init__(self, k, n, dev, l2, dtype=torch.float16):
         self.bytes = k * n * 2
-        self.count = max(2, math.ceil(2 * l2 / self.bytes) + 1)
+        self.count = sets_over_l2(self.bytes, l2)
         self.sets = [torch.randn(n, k, device=dev, dtype=dtype) * 0.02 for _ in range(self.count)]
 
 
@@ -420,7 +425,7 @@ class Machete:
 
         self.ops, self.type, self.k, self.group = ops, scalar_types.uint4b8, k, group
         self.bytes = k * n // 2 + (k // group) * n * 2
-        self.count = max(2, math.ceil(2 * l2 / self.bytes) + 1)
+        self.count = sets_over_l2(self.bytes, l2)
         self.sets = []
         for _ in range(self.count):
             qw = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=dev)
@@ -616,6 +621,12 @@ def refine_candidates(m, n, k, bits, group, sms):
             yield replace(cfg, maxnreg=reg)
 
 
+def decode_candidate(kind, block_n, warps, **fields):
+    """A decode sweep config of a candidate kind name ("dot-half": the dot kind with half_dq)."""
+    return KernelConfig(1 if kind == "gemv" else 16, block_n, group_m=1, num_warps=warps, num_stages=3,
+                        kind=kind.replace("-half", ""), half_dq=kind == "dot-half", **fields)
+
+
 def sweep_candidates(m, n, k, bits, group, sms):
     """Kernel kinds x tile shapes to time for one (shape, M); split-K from the heuristic."""
     if REFINE and m <= 16:
@@ -634,13 +645,11 @@ def sweep_candidates(m, n, k, bits, group, sms):
             if kind in ("scaled", "dot-half"):
                 splits |= {max(1, split // 2), split * 2}
             for sk in sorted(splits):
-                yield KernelConfig(1 if kind == "gemv" else 16, bn, split_k=sk, group_m=1, num_warps=warps,
-                                   num_stages=3, kind=kind.replace("-half", ""), half_dq=kind == "dot-half")
+                yield decode_candidate(kind, bn, warps, split_k=sk)
         # stream-K (KERNELS.md v11): 2-8 programs per SM share every (tile, K tile) iteration
         for kind, bn, per_sm in [("scaled", 128, p) for p in (2, 3, 4)] + [("scaled", 64, p) for p in (4, 6)] + \
                 [("dot-half", 64, p) for p in (4, 6, 8)] + [("dot-half", 128, p) for p in (4, 6)]:
-            yield KernelConfig(16, bn, group_m=1, num_warps=4, num_stages=3, kind=kind.replace("-half", ""),
-                               half_dq=kind == "dot-half", stream_k=per_sm * sms)
+            yield decode_candidate(kind, bn, 4, stream_k=per_sm * sms)
     elif WIDE_ONLY:  # v5: the "wide" GEMM (one dot per BLOCK_K step) against dequant + cuBLAS
         yield KernelConfig(128, 128, kind="dequant")
         tiles = ((32, 128, 4), (64, 64, 4), (64, 128, 4)) if m <= 64 else \

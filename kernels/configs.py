@@ -97,7 +97,7 @@ HALF_DQ_MIN_TILES = 4
 # mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize +
 # cuBLAS), at 3/4 bits one M bucket further on layers of at least SWAP_LARGE_NK weights (8B gate_up/down,
 # 70B); 32/64/128-token tiles (64 at 3 bits) of 128 weight rows, 8 warps, split-K as at decode,
-# dequantized in fp16 (half_dq) from 64 tokens
+# dequantized in x's dtype (half_dq) from 64 tokens
 SWAP_BITS = (2, 3, 4)
 SWAP_MAX_M = {2: 128, 3: 64, 4: 128}
 SWAP_LARGE_NK = 50_000_000
@@ -153,7 +153,7 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
             return KernelConfig(32, 128, num_warps=4, num_stages=3, kind="scaled")
         bm = 32 if m <= 32 else (64 if m <= 64 or bits == 3 else 128)
         split = _split_k(-(-m // bm) * -(-n // 128), k, k_tile(bits), sms, LOW_BIT_MIN_K)
-        scaled = bm == 32  # larger token tiles dequantize before the dot, in fp16
+        scaled = bm == 32  # larger token tiles dequantize before the dot, in x's dtype
         return KernelConfig(bm, 128, split_k=split, group_m=8, num_warps=8, num_stages=swap_stages(bits, bm),
                             kind="swap", scaled=scaled, half_dq=not scaled)
     return KernelConfig(128, 128, kind="dequant")
