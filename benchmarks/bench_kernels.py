@@ -121,6 +121,7 @@ from triton.testing import do_bench  # noqa: E402
 LOG_PATH = None
 REFINE = False  # --refine: decode sweeps try register caps around the committed picks
 WIDE_ONLY = False  # --wide: GEMM sweeps time the "wide" kernel against dequant + cuBLAS
+SWEEP_KINDS = frozenset()  # --sweep-kinds: decode sweeps time only these kinds (and the committed pick)
 
 
 def log(*args):
@@ -284,6 +285,11 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     # ran 96 programs, where ranges crossed only at 4 bits and in 2-bit dot-half)
     "stream-k-scaled": (5, KernelConfig(16, 128, group_m=1, kind="scaled", stream_k=12)),
     "stream-k-dot-half": (16, KernelConfig(16, 64, group_m=1, kind="dot", half_dq=True, stream_k=12)),
+    # the packed-fp16 GEMV (fp16 x; bf16 falls back): 4 / 2 / 1 K tiles per flush at 4 / 2 / 3 bits on CHECK_K, one
+    # row and three rows (one program per row and tile)
+    "hgemv": (1, KernelConfig(1, 128, split_k=4, kind="hgemv", block_k=512)),
+    "hgemv-m3": (3, KernelConfig(1, 64, split_k=2, kind="hgemv", block_k=1024)),
+    "hgemv-prefetch": (1, KernelConfig(1, 64, split_k=2, kind="hgemv", block_k=512, num_stages=2)),
 }
 
 
@@ -627,10 +633,31 @@ def decode_candidate(kind, block_n, warps, **fields):
                         kind=kind.replace("-half", ""), half_dq=kind == "dot-half", **fields)
 
 
+def hgemv_candidates(n, k, bits, group, sms):
+    """The packed-fp16 GEMV (M = 1): tile widths and warps, 1/2/4 K tiles per flush, split-K to ~2/4/8 programs per
+    SM (at most one per super tile), with and without the one-tile prefetch (num_stages 3 / 2)."""
+    tile = K.k_tile(bits)
+    for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+        for tt in (1, 2, 4):
+            supers = k // tile // tt
+            if supers == 0 or (k // tile) % tt:
+                continue
+            splits = {min(supers, max(1, 2 ** round(math.log2(per_sm * sms / -(-n // bn))))) for per_sm in (2, 4, 8)}
+            for sk in sorted(splits):
+                for stages in (3, 2):  # without / with the one-tile prefetch
+                    yield KernelConfig(1, bn, split_k=sk, group_m=1, num_warps=warps, num_stages=stages,
+                                       kind="hgemv", block_k=tt * tile)
+
+
 def sweep_candidates(m, n, k, bits, group, sms):
     """Kernel kinds x tile shapes to time for one (shape, M); split-K from the heuristic."""
     if REFINE and m <= 16:
         yield from refine_candidates(m, n, k, bits, group, sms)
+        return
+    if SWEEP_KINDS and m <= 16:
+        yield K.configs.pick_config(m, n, k, bits, group, torch.device("cuda"))
+        if "hgemv" in SWEEP_KINDS and m == 1:
+            yield from hgemv_candidates(n, k, bits, group, sms)
         return
     if m <= 16:
         cands = [("scaled", bn, w) for bn in (64, 128, 256) for w in (4, 8)]
@@ -855,6 +882,7 @@ def main():
     ap.add_argument("--sweep-keep-buckets", default="", help="merge only these M buckets into the committed table")
     ap.add_argument("--refine", action="store_true", help="decode sweep: register caps around committed picks")
     ap.add_argument("--wide", action="store_true", help="GEMM sweep: the 'wide' kernel against dequant + cuBLAS")
+    ap.add_argument("--sweep-kinds", default="", help="decode sweep: only these kinds (e.g. hgemv) and the committed pick")
     ap.add_argument("--tag", default="")
     ap.add_argument("--single", default="", help="shape,bits,group,m: only launch that (for ncu)")
     ap.add_argument("--single-config", default="",
@@ -883,8 +911,9 @@ def main():
     if not torch.cuda.is_available():
         print("error: bench_kernels.py needs a CUDA GPU (only --plot runs without one)", file=sys.stderr)
         sys.exit(2)
-    global REFINE, WIDE_ONLY
+    global REFINE, WIDE_ONLY, SWEEP_KINDS
     REFINE, WIDE_ONLY = args.refine, args.wide
+    SWEEP_KINDS = frozenset(x for x in args.sweep_kinds.split(",") if x)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     global LOG_PATH

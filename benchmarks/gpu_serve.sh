@@ -160,9 +160,10 @@ case "$step" in
              echo "ncu $i: $spec"; grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Issued Ipc|stalled_(long|barrier|wait|math|short|mio|lg|not_sel|dispatch|no_inst|tex|branch|sleep|drain|membar|selected)" /tmp/results/k/ncu_${tag}_$i.txt | head -30
            done ;;
       sweep) timeout -s INT ${DECODE_TIMEOUT:-540} python3 "$REPO"/benchmarks/bench_kernels.py --out /tmp/results/k \
-               --sections info,sweep --sweep-m 1,16 --sweep-bits ${DECODE_BITS:-4:128,3:128,2:64} \
+               --sections info,sweep --sweep-bits ${DECODE_BITS:-4:128,3:128,2:64} \
                --sweep-shapes ${DECODE_SHAPES:-qkv,o,gate_up,down,70b_qkv,70b_o,70b_gate_up,70b_down} \
                --sweep-keep-buckets 1,2,4,8,16 --sweep-budget-s ${DECODE_BUDGET_S:-420} --tag _${tag}_sweep \
+               --sweep-m ${DECODE_SWEEP_M:-1,16} ${DECODE_KINDS:+--sweep-kinds $DECODE_KINDS} \
                || echo "decode sweep: stopped"
              cp /tmp/results/k/tuned.json /tmp/results/k/tuned_${tag}.json 2>/dev/null ;;
       bench) use_tuned_table

@@ -37,11 +37,14 @@ class KernelConfig:
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); trades spills for occupancy
     kind: str = "dot"  # "dot": dequantize then tl.dot; "scaled": dot on raw codes, scale per group;
     # "gemv": CUDA-core FMAs, one x row per program (for M = 1); the K tile is k_tile(bits);
+    # "hgemv": CUDA-core packed fp16 FMAs on pairs of codes, one x row per program (fp16 x, 2/3/4 bits; M = 1),
+    # flushed to float32 every block_k k (a multiple of k_tile(bits); 0: every K tile); num_stages 2: each K
+    # tile's words are loaded one tile ahead (a register double buffer; other values: not);
     # "wide": one tl.dot per block_k-step on a gathered code tile (mid M);
     # "dequant": dense dequantization to a temporary, then cuBLAS (large M)
     # "swap": y^T = W^T x^T, the unpacked weight tile as the dot's first operand (wgmma's register A on
     # Hopper), raw codes scaled per group (or, with scaled=False, dequantized before the dot)
-    block_k: int = 0  # "wide": k per step (0: min(64, group)); divides 128, at most the group size
+    block_k: int = 0  # "wide": k per step (0: min(64, group)); divides 128, at most the group size; "hgemv": above
     scaled: bool = True  # "wide", "swap": scale after the dot (raw codes as exact halves) or dequantize before
     half_dq: bool = False  # "dot", "swap" with scaled=False: dequantize as q * s + z in x's dtype (packed
     # HFMA2) from the PTX-unpacked codes instead of float32 FMAs (not 8 bits with bf16 x)
@@ -92,6 +95,11 @@ LOW_BIT_MIN_K = 512
 # K tiles per 2/3-bit decode program of the fp16-dequantizing "dot" kind (v11 H200 sweep, KERNELS.md v11: the
 # measured-best split or within 12% of it on every 8B/70B layer at M = 1, 2% on average)
 HALF_DQ_MIN_TILES = 4
+# the packed-fp16 GEMV ("hgemv", fp16 x, M = 1; KERNELS.md v12) on layers at least this wide, 64-wide tiles of
+# 4 warps, HGEMV_TILES[bits] K tiles per flush, split-K to ~4 programs per SM: 10-20% faster than the
+# tensor-core kinds on 8B gate_up and the 70B layers; narrower layers (N <= 6144) need more split-K and lose
+HGEMV_MIN_N = 8192
+HGEMV_TILES = {2: 4, 3: 1, 4: 2}
 
 
 # mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize +
@@ -119,9 +127,10 @@ def swap_stages(bits: int, block_m: int) -> int:
 
 
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
-                     block_n: int | None = None) -> KernelConfig:
+                     block_n: int | None = None, dtype: torch.dtype | None = None) -> KernelConfig:
     """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md).
-    M <= 16: the tensor-core "scaled" kind. At 2/3 bits with groups >= 64 the "dot" kind dequantizing in
+    M = 1 with fp16 x on layers of >= HGEMV_MIN_N outputs: the packed-fp16 GEMV ("hgemv", KERNELS.md v12).
+    Otherwise at M <= 16: the tensor-core "scaled" kind. At 2/3 bits with groups >= 64 the "dot" kind dequantizing in
     half precision (half_dq) instead, in 64-wide tiles of 4 warps keeping >= HALF_DQ_MIN_TILES K tiles per
     program (1.1-1.3x faster than "scaled" at 2 bits on the H200, KERNELS.md v11; the inline-PTX unpack on
     the v7/v8 layouts made both win over the GEMV). At 2/3-bit g32 and M = 1 the CUDA-core GEMV, >=
@@ -134,6 +143,13 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     (and at 8 bits) dequantize to a dense temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
+        if m == 1 and dtype == torch.float16 and bits in HGEMV_TILES and n >= HGEMV_MIN_N and block_n is None:
+            tiles = HGEMV_TILES[bits]
+            while (k // tile) % tiles:
+                tiles //= 2
+            split = _split_k(-(-n // 64), k, tile * tiles, sms, tile * tiles)
+            return KernelConfig(1, 64, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="hgemv",
+                                block_k=tiles * tile)
         if bits in (2, 3) and group >= 64:
             bn = block_n or 64
             split = _split_k(-(-n // bn), k, tile, sms, HALF_DQ_MIN_TILES * tile)
@@ -185,11 +201,18 @@ def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dt
         cfg = replace(cfg, scaled=False)
     if cfg.half_dq and bits == 8 and dtype == torch.bfloat16:  # half_dq starts from the same magic operand
         cfg = replace(cfg, half_dq=False)
-    if cfg.kind == "gemv" and cfg.block_m != 1:
+    if cfg.kind == "hgemv" and (bits == 8 or dtype != torch.float16):  # packed fp16 math on 2/3/4-bit codes
+        cfg = replace(cfg, kind="gemv", block_k=0)
+    if cfg.kind == "hgemv":  # K tiles per flush: a divisor of K's tiles
+        tt = max(1, cfg.block_k // k_tile(bits))
+        while (k // k_tile(bits)) % tt:
+            tt -= 1
+        cfg = replace(cfg, block_k=tt * k_tile(bits), split_k=max(1, min(cfg.split_k, k // k_tile(bits) // tt)))
+    if cfg.kind in ("gemv", "hgemv") and cfg.block_m != 1:
         cfg = replace(cfg, block_m=1)
-    if cfg.kind not in ("gemv", "dequant") and cfg.block_m < 16:
+    if cfg.kind not in ("gemv", "hgemv", "dequant") and cfg.block_m < 16:
         cfg = replace(cfg, block_m=16)
-    if cfg.stream_k and cfg.kind in ("wide", "dequant"):  # stream-K is dashq_linear_kernel's schedule
+    if cfg.stream_k and cfg.kind in ("wide", "dequant", "hgemv"):  # stream-K is dashq_linear_kernel's schedule
         cfg = replace(cfg, stream_k=0)
     if cfg.stream_k and cfg.split_k != 1:  # the programs share all of K: no separate split
         cfg = replace(cfg, split_k=1)
@@ -212,7 +235,7 @@ def pick_config(m: int, n: int, k: int, bits: int, group: int, device: torch.dev
     key = (m, n, k, bits, group, device.type, device.index, dtype)
     cfg = _PICKED.get(key)
     if cfg is None:
-        cfg = _PICKED[key] = fit_config(_pick(m, n, k, bits, group, device), k, group, bits, dtype)
+        cfg = _PICKED[key] = fit_config(_pick(m, n, k, bits, group, device, dtype), k, group, bits, dtype)
     return cfg
 
 
@@ -222,10 +245,12 @@ def clear_cache() -> None:
     load_table.cache_clear()
 
 
-def _pick(m: int, n: int, k: int, bits: int, group: int, device: torch.device) -> KernelConfig:
+def _pick(m: int, n: int, k: int, bits: int, group: int, device: torch.device, dtype: torch.dtype) -> KernelConfig:
     if device.type == "cuda":
         name, sms = _device_facts(device.index if device.index is not None else torch.cuda.current_device())
     else:
         name, sms = "cpu", 132
     tuned = load_table(name).get(config_key(bits, group, m, n, k))
-    return tuned if tuned is not None else heuristic_config(m, n, k, bits, group, sms)
+    if tuned is not None and tuned.kind == "hgemv" and dtype != torch.float16:  # tables are swept with fp16 x
+        tuned = None
+    return tuned if tuned is not None else heuristic_config(m, n, k, bits, group, sms, dtype=dtype)

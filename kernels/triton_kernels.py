@@ -428,6 +428,194 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
                    HALF_DQ, KT)
 
 
+# --------------------------------------------------------------------------- the half-pair GEMV ("hgemv")
+#
+# Decode on the CUDA cores in packed fp16 (fp16 x). A word of the 2/4-bit plane holds slots j and j + P/2 (P codes
+# per word) in its two 16-bit halves, so one shift and one LOP3, ``(word << d or >> -d) & MASK2 | ONE2``, turn a
+# pair of codes into a pair of exact halves v = 1 + q / 2^b (the code in the top b bits of the mantissa) for
+# k = 16 j + r and 16 j + KT/2 + r of word row r. One HFMA2 dequantizes the pair to q s = v S - S (S = 2^b s,
+# exact before its one rounding), one more multiplies it into a packed fp16 accumulator with the matching pair
+# of x. The zero term (szeros times x) goes per group, one HFMA2 with the group's packed x sums. At 3 bits slot j
+# of the tile's two 2-bit blocks pair up (k = 16 j + r and 256 + 16 j + r; their low halves are joined first),
+# and the 1-bit plane, whose slots j and j + 16 are the same two k, is rotated so they land at bit 9 of each
+# half. The fp16 accumulator is flushed into float32 once per super tile (TT K tiles), and the float32
+# (16, BLOCK_N) accumulator is reduced over its rows at the end.
+
+_ONE2: tl.constexpr = tl.constexpr(0x3C003C00)  # fp16 1.0 in both halves
+
+
+@triton.jit
+def _h2_pack(lo, hi):
+    """Two fp16 tensors -> int32 tensor of packed pairs (lo in bits 0-15, hi in 16-31)."""
+    return (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _h2_half(v, HI: tl.constexpr):
+    """One half of packed fp16 pairs, as float32."""
+    bits = (v >> 16) if HI else v
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _h2_fma(a, b, c, PTX: tl.constexpr):
+    """Packed fp16 a * b + c with one rounding (fma.rn.f16x2); without PTX emulated in float32 (the product of
+    two halves is exact there), then rounded to fp16."""
+    if PTX:
+        out = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    else:
+        lo = (_h2_half(a, False) * _h2_half(b, False) + _h2_half(c, False)).to(tl.float16)
+        hi = (_h2_half(a, True) * _h2_half(b, True) + _h2_half(c, True)).to(tl.float16)
+        out = _h2_pack(lo, hi)
+    return out
+
+
+@triton.jit
+def _h2_pair_fma(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, ns2, x2, acc, BITS: tl.constexpr,
+                 PTX: tl.constexpr):
+    """acc + (v S - S) x for the pair of codes at bit SRC_BIT of both halves of src (at 3 bits their low two
+    bits, the high bit being bit J of both halves of the 1-bit plane word h), all packed fp16 (int32 tensors)."""
+    W: tl.constexpr = 2 if BITS == 3 else BITS  # code bits in src
+    TO: tl.constexpr = 10 - BITS  # the code's lowest bit in each half of v = 1 + q / 2^BITS
+    D: tl.constexpr = TO - SRC_BIT  # shift left by D (right by -D)
+    M2: tl.constexpr = ((1 << W) - 1) * 65537 << TO
+    ROT: tl.constexpr = (J - 9) % 32  # 3 bits: rotate right so that bit J (and J + 16) lands at bit 9 (25)
+    if PTX:
+        SHIFT: tl.constexpr = "shl.b32" if D > 0 else "shr.b32"
+        DA: tl.constexpr = D if D > 0 else -D
+        if BITS == 3:
+            asm: tl.constexpr = ("{ .reg .b32 t, u; shf.r.wrap.b32 u, $2, $2, $4; lop3.b32 u, u, $6, $7, 0xea; "
+                                 + SHIFT + " t, $1, $3; lop3.b32 t, t, $5, u, 0xea; fma.rn.f16x2 t, t, $8, $9; "
+                                 "fma.rn.f16x2 $0, t, $10, $11; }")
+            out = tl.inline_asm_elementwise(
+                asm, "=r,r,r,r,r,r,r,r,r,r,r,r",
+                [src, h, tl.full(src.shape, DA, tl.int32), tl.full(src.shape, ROT, tl.int32),
+                 tl.full(src.shape, M2, tl.int32), tl.full(src.shape, 0x02000200, tl.int32),
+                 tl.full(src.shape, _ONE2, tl.int32), s2, ns2, x2, acc], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            asm: tl.constexpr = ("{ .reg .b32 t; " + SHIFT + " t, $1, $2; lop3.b32 t, t, $3, $4, 0xea; "
+                                 "fma.rn.f16x2 t, t, $5, $6; fma.rn.f16x2 $0, t, $7, $8; }")
+            out = tl.inline_asm_elementwise(
+                asm, "=r,r,r,r,r,r,r,r,r",
+                [src, tl.full(src.shape, DA, tl.int32), tl.full(src.shape, M2, tl.int32),
+                 tl.full(src.shape, _ONE2, tl.int32), s2, ns2, x2, acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        if D > 0:
+            v = src << D
+        else:
+            v = src >> -D  # arithmetic: the sign copies stay above the masked bits (-D <= 7)
+        v = (v & M2) | _ONE2
+        if BITS == 3:
+            if ROT == 0:
+                rr = h
+            else:  # rotate right by ROT (a logical shift right, then the wrapped low bits)
+                rr = ((h >> ROT) & ((1 << (32 - ROT)) - 1)) | (h << (32 - ROT))
+            v = v | (rr & 0x02000200)
+        out = _h2_fma(_h2_fma(v, s2, ns2, PTX), x2, acc, PTX)
+    return out
+
+
+@triton.jit
+def _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS: tl.constexpr, R2: tl.constexpr, R1: tl.constexpr,
+              RB: tl.constexpr):
+    """K tile t's words as (ab_lo, ab_hi, h): 2/4 bits the block's words three times; 3 bits the slots 0-7 and
+    8-15 of both 2-bit blocks joined (block a's in the low halves) and the 1-bit block's words."""
+    if BITS == 3:
+        a = tl.load(qw_ptr + (2 * t * R2 + r16) * N + offs_n[None, :], mask=mask_w, other=0)
+        b = tl.load(qw_ptr + ((2 * t + 1) * R2 + r16) * N + offs_n[None, :], mask=mask_w, other=0)
+        h = tl.load(qw_ptr + (K // 16) * N + (t * R1 + r16) * N + offs_n[None, :], mask=mask_w, other=0)
+        ab_lo = (a & 0xFFFF) | (b << 16)  # slots 0-7 of both blocks, block a's low
+        ab_hi = ((a >> 16) & 0xFFFF) | (b & -65536)  # slots 8-15
+    else:
+        ab_lo = tl.load(qw_ptr + (t * RB + r16) * N + offs_n[None, :], mask=mask_w, other=0)
+        ab_hi = ab_lo
+        h = ab_lo
+    return ab_lo, ab_hi, h
+
+
+@triton.jit
+def _h2_flush(acc, accf):
+    """accf + both halves of the packed fp16 accumulator, in float32."""
+    return accf + _h2_half(acc, False) + _h2_half(acc, True)
+
+
+@triton.jit(do_not_specialize=["M", "SPLIT_K"])
+def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, TT: tl.constexpr,
+                      ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr, EVEN_K: tl.constexpr,
+                      KT: tl.constexpr, PREFETCH: tl.constexpr):
+    """y[M, N] (+)= x[M, :KX] @ W[:K, N], fp16 x, on the CUDA cores in packed fp16 (see the section comment).
+    PREFETCH: each K tile's words are loaded one tile ahead (in registers), so a program keeps a load in flight
+    while it computes.
+    grid = (M * N tiles, SPLIT_K): one row of x and BLOCK_N outputs per program (rows of one tile adjacent, so
+    they share its words in L2), SPLIT_K ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC: partial sums are
+    atomically added into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in float32."""
+    NP: tl.constexpr = KT // 32  # pairs per word row and K tile: slots j and j + NP (3 bits: of both 2-bit blocks)
+    HALF: tl.constexpr = KT // 2  # k between the two halves of a pair
+    CPG: tl.constexpr = GROUP // 16  # slots per group
+    SCALE: tl.constexpr = 1 << BITS
+    R2: tl.constexpr = _plane_rows(BITS, 2)  # 3 bits: word rows of a 2-bit block (constexprs outside the loops:
+    R1: tl.constexpr = _plane_rows(BITS, 1)  # a static_range body may not redefine one) and of a 1-bit block
+    RB: tl.constexpr = _plane_rows(BITS, BITS)  # 2/4 bits: word rows of a block
+    row = tl.program_id(0) % M
+    offs_n = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    r16 = tl.arange(0, 16)[:, None]
+    xrow = x_ptr + row.to(tl.int64) * stride_xm
+    supers = K // (KT * TT)  # the host makes TT divide K's tiles
+    per_split = tl.cdiv(supers, SPLIT_K)
+    st0 = per_split * tl.program_id(1)
+    st1 = tl.minimum(st0 + per_split, supers)
+    accf = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    mask_w = mask_n[None, :]
+    t_end = st1 * TT
+    if PREFETCH:  # K tile t + 1's words are loaded before tile t is computed
+        n_lo, n_hi, n_h = _hg_words(qw_ptr, st0 * TT, K, N, offs_n, tl.where(st0 < st1, mask_w, False), r16, BITS, R2, R1, RB)
+    for st in range(st0, st1):
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)  # packed fp16 pairs (+0.0, +0.0)
+        for tt in tl.static_range(TT):
+            t = st * TT + tt
+            if PREFETCH:
+                ab_lo, ab_hi, h = n_lo, n_hi, n_h
+                n_lo, n_hi, n_h = _hg_words(qw_ptr, t + 1, K, N, offs_n, tl.where(t + 1 < t_end, mask_w, False), r16, BITS, R2,
+                                            R1, RB)
+            else:
+                ab_lo, ab_hi, h = _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS, R2, R1, RB)
+            k0 = t * KT
+            for j in tl.static_range(NP):
+                if j % CPG == 0:  # a new pair of groups: slot j's (low halves) and slot j + NP's (high)
+                    g_lo = (k0 + 16 * j) // GROUP
+                    g_hi = (k0 + 16 * j + HALF) // GROUP
+                    s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0).to(tl.float16)
+                    s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=mask_n, other=0.0).to(tl.float16)
+                    z_lo = tl.load(z_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0).to(tl.float16)
+                    z_hi = tl.load(z_ptr + g_hi * N + offs_n, mask=mask_n, other=0.0).to(tl.float16)
+                    s2 = _h2_pack(s_lo * SCALE, s_hi * SCALE)[None, :]  # S = 2^BITS s, exact
+                    ns2 = _h2_pack(s_lo * -SCALE, s_hi * -SCALE)[None, :]
+                    sz2 = _h2_pack(z_lo, z_hi)[None, :]
+                    xs2 = tl.zeros((16, 1), dtype=tl.int32)
+                offs_lo = k0 + 16 * j + r16
+                if EVEN_K:
+                    x_lo = tl.load(xrow + offs_lo)
+                    x_hi = tl.load(xrow + offs_lo + HALF)
+                else:
+                    x_lo = tl.load(xrow + offs_lo, mask=offs_lo < KX, other=0.0)
+                    x_hi = tl.load(xrow + offs_lo + HALF, mask=offs_lo + HALF < KX, other=0.0)
+                x2 = _h2_pack(x_lo, x_hi)
+                xs2 = _h2_fma(x2, tl.full((16, 1), _ONE2, tl.int32), xs2, PTX)  # + x2 (times 1.0)
+                if BITS == 3:
+                    src = ab_lo if j < 8 else ab_hi
+                    acc = _h2_pair_fma(src, h, 2 * (j % 8), j, s2, ns2, x2, acc, BITS, PTX)
+                else:
+                    acc = _h2_pair_fma(ab_lo, h, BITS * j, j, s2, ns2, x2, acc, BITS, PTX)
+                if (j + 1) % CPG == 0 or j == NP - 1:  # last slot of the groups: their zero term
+                    acc = _h2_fma(sz2, xs2, acc, PTX)
+        accf = _h2_flush(acc, accf)
+    out = tl.sum(accf, axis=0)[None, :]
+    _store_out(out, y_ptr, b_ptr, tl.zeros((1,), tl.int32) + row, offs_n, M, N, stride_ym, st0, HAS_BIAS, ATOMIC)
+
+
 @triton.jit
 def _gather_codes(qw_ptr, k0, KB: tl.constexpr, BITS: tl.constexpr, K, offs_n, mask_n, N):
     """(KB, BLOCK_N) int32 codes of k = k0 + [0, KB) (KB divides 128, k0 a multiple of KB)."""
@@ -577,7 +765,15 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
     else:
         grid, splits = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k, 1), cfg.split_k
     b = bias if bias is not None else y
-    if cfg.kind == "wide":
+    if cfg.kind == "hgemv":
+        kernel = dashq_gemv_kernel
+        grid = (m * triton.cdiv(n, cfg.block_n), cfg.split_k, 1)
+        args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
+        meta = dict(BITS=bits, GROUP=group_size, BLOCK_N=cfg.block_n, TT=max(1, cfg.block_k // k_tile(bits)),
+                    ATOMIC=cfg.atomic, HAS_BIAS=bias is not None,
+                    PTX=_PTX_PLATFORM and not _INTERPRET and x2.is_cuda, EVEN_K=kx == k, KT=k_tile(bits),
+                    PREFETCH=cfg.num_stages == 2)
+    elif cfg.kind == "wide":
         kernel = dashq_gemm_kernel
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0))
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

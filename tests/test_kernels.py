@@ -169,26 +169,34 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, bloc
                   num_warps=4, num_stages=3, stream_k=False):
     """dashq_linear_kernel compiled for sm_90 on this machine (Triton's bundled ptxas; no GPU), with
     the divisibility a real launch specialises on."""
+    from dashq_vllm.kernels.triton_kernels import MODES, dashq_linear_kernel
+
+    consts = dict(BITS=bits, GROUP=64, BLOCK_M=block_m or (1 if mode == "gemv" else 16), BLOCK_N=128, GROUP_M=1,
+                  MODE=MODES[mode], ATOMIC=True,
+                  HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k, SWAP=swap,
+                  HALF_DQ=half_dq, KT=K.k_tile(bits), STREAM_K=stream_k)
+    return _compile_fn_sm90(dashq_linear_kernel, dtype, consts, num_warps, num_stages)
+
+
+def _compile_fn_sm90(fn, dtype, consts, num_warps=4, num_stages=3):
+    """A kernel of the (x, qw, s, z, b, y, M, N, K, KX, stride_xm, stride_ym, SPLIT_K, constexprs...) signature
+    compiled ahead of time for sm_90."""
     triton = pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError as e:  # pragma: no cover - triton layout dependent
         pytest.skip(f"this triton cannot compile ahead of time: {e!r}")
-    from dashq_vllm.kernels.triton_kernels import FP_FUSION, MODES, dashq_linear_kernel
+    from dashq_vllm.kernels.triton_kernels import FP_FUSION
 
     t = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
     sig = {"x_ptr": t, "qw_ptr": "*i32", "s_ptr": t, "z_ptr": t, "b_ptr": t, "y_ptr": t, "M": "i32", "N": "i32",
            "K": "i32", "KX": "i32", "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}
-    consts = dict(BITS=bits, GROUP=64, BLOCK_M=block_m or (1 if mode == "gemv" else 16), BLOCK_N=128, GROUP_M=1,
-                  MODE=MODES[mode], ATOMIC=True,
-                  HAS_BIAS=False, DOT_F32=False, PTX=ptx, EVEN_K=even_k, SWAP=swap,
-                  HALF_DQ=half_dq, KT=K.k_tile(bits), STREAM_K=stream_k)
     sig.update({k: "constexpr" for k in consts})
-    names = dashq_linear_kernel.arg_names
+    names = fn.arg_names
     aligned = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KX", "stride_xm", "stride_ym")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = ASTSource(fn=dashq_linear_kernel, signature=sig, constexprs=consts, attrs=attrs)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     try:
         return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages, **FP_FUSION})
@@ -248,6 +256,28 @@ def test_stream_k_compiles_for_sm90():
         split = _compile_sm90(bits, torch.float16, True, mode=mode, half_dq=half)
         assert stream.asm["cubin"]
         assert stream.asm["ttir"].count("scf.for") == split.asm["ttir"].count("scf.for") + 1
+
+
+@pytest.mark.parametrize("bits,group,tt,prefetch", [(4, 128, 1, False), (4, 128, 2, True), (3, 128, 2, True),
+                                                     (2, 64, 4, True), (3, 32, 1, False)])
+def test_hgemv_compiles_to_packed_half_fmas(bits, group, tt, prefetch):
+    """The "hgemv" kind (KERNELS.md v12) compiles for sm_90 with several K tiles per flush (TT; constexprs
+    inside its static loops broke this once, which the interpreter does not see) and does its per-weight
+    math as packed fp16x2 FMAs, no float32 FMA in the K loop; 3 bits joins the 1-bit plane with funnel
+    shifts; with and without the one-tile prefetch. Its numbers are checked in the interpreter and on a GPU."""
+    import re
+
+    from dashq_vllm.kernels.triton_kernels import dashq_gemv_kernel
+
+    consts = dict(BITS=bits, GROUP=group, BLOCK_N=64, TT=tt, ATOMIC=True, HAS_BIAS=False, PTX=True, EVEN_K=True,
+                  KT=K.k_tile(bits), PREFETCH=prefetch)
+    ptx = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, consts).asm["ptx"]
+    # a thread of 4 warps owns 8 of the (16, 64) accumulator's packed pairs; each takes two packed FMAs (v S - S,
+    # then x + acc) in each of a K tile's KT / 32 pair slots, TT tiles per flush (all unrolled)
+    pairs = len(re.findall(r"fma\.rn\.f16x2", ptx))
+    assert pairs >= 2 * (16 * 64 // 128) * tt * (K.k_tile(bits) // 32), pairs
+    assert "fma.rn.f32" not in ptx
+    assert ("shf.r.wrap" in ptx) == (bits == 3)
 
 
 @pytest.mark.parametrize("dtype,half_fma", [(torch.float16, r"fma\.rn\.f16"), (torch.bfloat16, r"fma\.rn\.bf16")])
@@ -336,12 +366,14 @@ def test_committed_tuned_tables_load(path, monkeypatch):
         # tables tuned on older layouts may split K finer than today's K tiles: launch() caps it
         fitted = C.fit_config(cfg, K.padded_k(k, bits), group, bits, torch.float16)
         assert 1 <= fitted.split_k <= K.padded_k(k, bits) // K.k_tile(bits), (key, cfg)
-        assert cfg.kind in ("dot", "scaled", "gemv", "wide", "dequant", "swap"), (key, cfg)
+        assert cfg.kind in ("dot", "scaled", "gemv", "hgemv", "wide", "dequant", "swap"), (key, cfg)
         assert cfg.block_n in (32, 64, 128, 256) and cfg.split_k >= 1 and cfg.num_warps in (1, 2, 4, 8, 16)
         if bucket <= C.DECODE_MAX_M:
-            assert cfg.kind in ("dot", "scaled", "gemv"), (key, cfg)
-        if cfg.kind == "gemv":
+            assert cfg.kind in ("dot", "scaled", "gemv", "hgemv"), (key, cfg)
+        if cfg.kind in ("gemv", "hgemv"):
             assert bucket == 1, (key, cfg)  # one row per program: M = 1 only
+        if cfg.kind == "hgemv":  # whole K tiles per flush; 2-4 bits (packed fp16 math)
+            assert bits in (2, 3, 4) and cfg.block_k % K.k_tile(bits) == 0 and fitted.block_k == cfg.block_k, key
 
 
 # (K, N) of Llama-3-8B's and -70B's layers -> the v11 H200 sweep at M = 1 (benchmarks/results/
@@ -400,6 +432,63 @@ def test_heuristic_m1_low_bit_picks(bits, group):
     assert small.kind == ("dot" if half else "gemv") and small.split_k >= 1 and small.block_n in (64, 128)
     four = C.heuristic_config(1, 6144, 4096, 4, 128, sms=132)
     assert (four.kind, four.block_n, four.split_k, four.stream_k) == ("scaled", 128, 16, 0)
+
+
+# the packed-fp16 GEMV at M = 1 on the H100 (v12 sweep, benchmarks/results/kernels_v12b_sweep.json): (bits, K, N) ->
+# (best hgemv config's us, {split_k: us} of the heuristic's tile: 64 wide, 4 warps, HGEMV_TILES K tiles per flush)
+M1_HGEMV_H100 = {
+    (4, 4096, 28672): (30.5, {1: 34.6, 2: 30.5}), (4, 8192, 10240): (24.0, {2: 32.1, 4: 24.0, 8: 24.6}),
+    (4, 8192, 8192): (20.8, {2: 29.2, 4: 20.8, 8: 21.8}), (4, 8192, 57344): (102.4, {1: 102.4}),
+    (4, 28672, 8192): (55.9, {2: 90.2, 4: 59.7, 8: 62.0}), (3, 4096, 28672): (34.8, {1: 38.0, 2: 34.8}),
+    (3, 8192, 8192): (22.3, {2: 27.6, 4: 22.4, 8: 22.9}), (3, 28672, 8192): (59.5, {2: 84.9, 4: 65.5, 8: 59.5}),
+    (2, 4096, 28672): (28.0, {1: 33.3, 2: 28.0}), (2, 8192, 10240): (22.5, {2: 34.3, 4: 22.5, 8: 23.2}),
+    (2, 28672, 8192): (49.8, {2: 101.4, 4: 57.8, 8: 51.7}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(M1_HGEMV_H100))
+def test_heuristic_m1_hgemv(case):
+    """M = 1 with fp16 x on layers of >= HGEMV_MIN_N outputs: the packed-fp16 GEMV, 64 wide, 4 warps,
+    HGEMV_TILES[bits] K tiles per flush, its split within 12% of the best swept hgemv config on the H100. Not
+    for bf16 x (nor without a dtype, as the sweeps ask for other kinds' splits), at M = 2, or on narrower layers
+    (8B qkv/o/down, where the tensor-core kinds won)."""
+    from dashq_vllm.kernels import configs as C
+
+    bits, k, n = case
+    group = 64 if bits == 2 else 128
+    best, by_split = M1_HGEMV_H100[case]
+    cfg = C.heuristic_config(1, n, k, bits, group, sms=132, dtype=torch.float16)
+    assert (cfg.kind, cfg.block_m, cfg.block_n, cfg.num_warps) == ("hgemv", 1, 64, 4), cfg
+    assert cfg.block_k == C.HGEMV_TILES[bits] * K.k_tile(bits)
+    assert by_split[cfg.split_k] <= 1.12 * best, (case, cfg.split_k, by_split)
+    for other in (C.heuristic_config(1, n, k, bits, group, sms=132, dtype=torch.bfloat16),
+                  C.heuristic_config(1, n, k, bits, group, sms=132),
+                  C.heuristic_config(2, n, k, bits, group, sms=132, dtype=torch.float16),
+                  C.heuristic_config(1, 6144, k, bits, group, sms=132, dtype=torch.float16)):
+        assert other.kind != "hgemv", other
+    # a K whose tile count HGEMV_TILES does not divide gets fewer tiles per flush
+    odd = C.heuristic_config(1, n, 3 * K.k_tile(bits), bits, group, sms=132, dtype=torch.float16)
+    assert odd.kind == "hgemv" and 3 * K.k_tile(bits) % odd.block_k == 0
+
+
+def test_hgemv_table_entries_serve_fp16_only(monkeypatch):
+    """A tuned table's hgemv entry (swept with fp16 x) is used for fp16 x; bf16 x gets the heuristic's config
+    for bf16 instead (not the packed-fp16 kernel, and not the plain GEMV fallback of fit_config)."""
+    from dashq_vllm.kernels import configs as C
+
+    k, n, bits, group = 4096, 28672, 4, 128
+    entry = C.KernelConfig(1, 128, split_k=4, group_m=1, kind="hgemv", block_k=512)
+    monkeypatch.setattr(C, "load_table", lambda name: {C.config_key(bits, group, 1, n, k): entry})
+    C._PICKED.clear()
+    try:
+        cpu = torch.device("cpu")
+        assert C.pick_config(1, n, k, bits, group, cpu, torch.float16) == entry
+        bf = C.pick_config(1, n, k, bits, group, cpu, torch.bfloat16)
+        assert bf == C.fit_config(C.heuristic_config(1, n, k, bits, group, 132, dtype=torch.bfloat16), k, group,
+                                  bits, torch.bfloat16)
+        assert bf.kind == "scaled", bf
+    finally:
+        C._PICKED.clear()
 
 
 def test_stream_k_configs_are_normalised_and_not_picked_yet():

@@ -86,6 +86,12 @@ else:
         "stream-k-scaled": (5, lambda dt: KernelConfig(16, 16, group_m=1, kind="scaled", stream_k=4)),
         "stream-k-dot-half": (3, lambda dt: KernelConfig(16, 32, group_m=1, half_dq=True, stream_k=7)),
         "stream-k-gemv": (1, lambda dt: KernelConfig(1, 32, kind="gemv", stream_k=1)),
+        # the packed-fp16 GEMV (bf16 x: fit_config falls back to "gemv"): two rows split over the two K tiles,
+        # and one row flushing once for both tiles
+        "hgemv": (2, lambda dt: KernelConfig(1, 32, split_k=_split(dt), kind="hgemv")),
+        "hgemv-tt2": (1, lambda dt: KernelConfig(1, 32, kind="hgemv", block_k=1024)),
+        "hgemv-prefetch": (2, lambda dt: KernelConfig(1, 32, split_k=_split(dt), kind="hgemv", num_stages=2)),
+        "hgemv-prefetch-tt2": (1, lambda dt: KernelConfig(1, 32, kind="hgemv", block_k=1024, num_stages=2)),
     }
 
     def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
@@ -121,7 +127,7 @@ else:
         _check_path(bits, group, dtype, path, 2 * K.k_tile(bits) - 5,
                     zlib.crc32(f"{bits}{group}{dtype}{path}".encode()), (bits + group) % 2 == 0)
 
-    @pytest.mark.parametrize("path", ["decode-dot", "decode-scaled", "gemv", "swap-scaled"])
+    @pytest.mark.parametrize("path", ["decode-dot", "decode-scaled", "gemv", "swap-scaled", "hgemv"])
     @pytest.mark.parametrize("bits", [2, 3, 4])
     def test_triton_kernel_even_k(bits, path):
         """x exactly K wide (EVEN_K: loaded without a k mask), fp16, two K tiles."""
