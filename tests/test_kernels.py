@@ -450,8 +450,8 @@ M1_HGEMV_H100 = {
 def test_heuristic_m1_hgemv(case):
     """M = 1 with fp16 x on layers of >= HGEMV_MIN_N outputs: the packed-fp16 GEMV, 64 wide, 4 warps,
     HGEMV_TILES[bits] K tiles per flush, its split within 12% of the best swept hgemv config on the H100. Not
-    for bf16 x (nor without a dtype, as the sweeps ask for other kinds' splits), at M = 2, or on narrower layers
-    (8B qkv/o/down, where the tensor-core kinds won)."""
+    for bf16 x (nor without a dtype, as the sweeps ask for other kinds' splits), at M = 2, on narrower layers
+    (8B qkv/o/down, where the tensor-core kinds won), or at g32 (not swept)."""
     from dashq_vllm.kernels import configs as C
 
     bits, k, n = case
@@ -464,7 +464,8 @@ def test_heuristic_m1_hgemv(case):
     for other in (C.heuristic_config(1, n, k, bits, group, sms=132, dtype=torch.bfloat16),
                   C.heuristic_config(1, n, k, bits, group, sms=132),
                   C.heuristic_config(2, n, k, bits, group, sms=132, dtype=torch.float16),
-                  C.heuristic_config(1, 6144, k, bits, group, sms=132, dtype=torch.float16)):
+                  C.heuristic_config(1, 6144, k, bits, group, sms=132, dtype=torch.float16),
+                  C.heuristic_config(1, n, k, bits, 32, sms=132, dtype=torch.float16)):
         assert other.kind != "hgemv", other
     # a K whose tile count HGEMV_TILES does not divide gets fewer tiles per flush
     odd = C.heuristic_config(1, n, 3 * K.k_tile(bits), bits, group, sms=132, dtype=torch.float16)
