@@ -882,7 +882,8 @@ def main():
     ap.add_argument("--sweep-keep-buckets", default="", help="merge only these M buckets into the committed table")
     ap.add_argument("--refine", action="store_true", help="decode sweep: register caps around committed picks")
     ap.add_argument("--wide", action="store_true", help="GEMM sweep: the 'wide' kernel against dequant + cuBLAS")
-    ap.add_argument("--sweep-kinds", default="", help="decode sweep: only these kinds (e.g. hgemv) and the committed pick")
+    ap.add_argument("--sweep-kinds", default="",
+                    help="decode sweep: only these kinds (e.g. hgemv) and the committed pick")
     ap.add_argument("--tag", default="")
     ap.add_argument("--single", default="", help="shape,bits,group,m: only launch that (for ncu)")
     ap.add_argument("--single-config", default="",

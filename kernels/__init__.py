@@ -30,7 +30,8 @@ Forward (every call)::
     kernels, a fake kernel), so it traces under torch.compile (fullgraph checked on an H100).
     CUDA, by M = prod(leading dims): M <= 16 -> split-K decode kernels (tensor-core: "scaled" at 4
     bits, "dot" dequantizing in x's dtype at 2/3 bits; the CUDA-core GEMV at 2/3-bit g32 and M = 1;
-    at M = 1 with fp16 x on layers of >= 8192 outputs (groups >= 64), the CUDA-core GEMV in packed fp16),
+    at M = 1 with fp16 x on layers of >= 8192 outputs (2-bit g64, 3/4-bit g128), the CUDA-core GEMV in
+    packed fp16),
     16 < M <= 128 (64 at 3 bits) -> the "swap" GEMM (y^T = W^T x^T: unpacked weights feed Hopper's
     wgmma from registers; split-K), larger M (and 8 bits) -> one Triton pass dequantizing to a dense
     temporary, then cuBLAS (the only path allocating besides the output, through PyTorch's caching

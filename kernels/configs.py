@@ -96,11 +96,12 @@ LOW_BIT_MIN_K = 512
 # measured-best split or within 12% of it on every 8B/70B layer at M = 1, 2% on average)
 HALF_DQ_MIN_TILES = 4
 # the packed-fp16 GEMV ("hgemv", fp16 x, M = 1; KERNELS.md v12) on layers at least this wide, 64-wide tiles of
-# 4 warps, HGEMV_TILES[bits] K tiles per flush, split-K to ~4 programs per SM: 10-20% faster than the
-# tensor-core kinds on 8B gate_up and the 70B layers; narrower layers (N <= 6144) need more split-K and lose;
-# groups >= 64 (the swept ones: 2b g64, 3/4b g128)
+# 4 warps, HGEMV_TILES[bits] K tiles per flush, split-K to ~4 programs per SM: 1.01-1.25x faster than the
+# tensor-core kinds on 8B gate_up and the 70B layers (H100); narrower layers (N <= 6144) need more split-K and lose;
+# only at the swept group size of each width (HGEMV_GROUP)
 HGEMV_MIN_N = 8192
 HGEMV_TILES = {2: 4, 3: 1, 4: 2}
+HGEMV_GROUP = {2: 64, 3: 128, 4: 128}
 
 
 # mid M (v9/v10 sweeps on an H200, KERNELS.md v9, v10): the swapped kind up to this M (then dequantize +
@@ -130,8 +131,8 @@ def swap_stages(bits: int, block_m: int) -> int:
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
                      block_n: int | None = None, dtype: torch.dtype | None = None) -> KernelConfig:
     """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md).
-    M = 1 with fp16 x on layers of >= HGEMV_MIN_N outputs, groups >= 64: the packed-fp16 GEMV ("hgemv",
-    KERNELS.md v12).
+    M = 1 with fp16 x on layers of >= HGEMV_MIN_N outputs, at 2-bit g64 and 3/4-bit g128 (the swept ones): the
+    packed-fp16 GEMV ("hgemv", KERNELS.md v12).
     Otherwise at M <= 16: the tensor-core "scaled" kind. At 2/3 bits with groups >= 64 the "dot" kind dequantizing in
     half precision (half_dq) instead, in 64-wide tiles of 4 warps keeping >= HALF_DQ_MIN_TILES K tiles per
     program (1.1-1.3x faster than "scaled" at 2 bits on the H200, KERNELS.md v11; the inline-PTX unpack on
@@ -145,8 +146,8 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     (and at 8 bits) dequantize to a dense temporary + cuBLAS. Split-K fills the GPU (~4 programs per SM)."""
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
-        if (m == 1 and dtype == torch.float16 and bits in HGEMV_TILES and group >= 64 and n >= HGEMV_MIN_N
-                and block_n is None):
+        if m == 1 and dtype == torch.float16 and HGEMV_GROUP.get(bits) == group and n >= HGEMV_MIN_N \
+                and block_n is None:
             tiles = HGEMV_TILES[bits]
             while (k // tile) % tiles:
                 tiles //= 2

@@ -459,14 +459,15 @@ def _h2_half(v, HI: tl.constexpr):
 
 @triton.jit
 def _h2_fma(a, b, c, PTX: tl.constexpr):
-    """Packed fp16 a * b + c with one rounding (fma.rn.f16x2); without PTX emulated in float32 (the product of
-    two halves is exact there), then rounded to fp16."""
+    """Packed fp16 a * b + c with one rounding (fma.rn.f16x2); without PTX emulated in float64 (the product of
+    two halves is exact, and so is the sum unless the two differ by more than 2^31 in magnitude), then rounded
+    to fp16."""
     if PTX:
         out = tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
                                         is_pure=True, pack=1)
     else:
-        lo = (_h2_half(a, False) * _h2_half(b, False) + _h2_half(c, False)).to(tl.float16)
-        hi = (_h2_half(a, True) * _h2_half(b, True) + _h2_half(c, True)).to(tl.float16)
+        lo = (_h2_half(a, False).to(tl.float64) * _h2_half(b, False) + _h2_half(c, False)).to(tl.float16)
+        hi = (_h2_half(a, True).to(tl.float64) * _h2_half(b, True) + _h2_half(c, True)).to(tl.float16)
         out = _h2_pack(lo, hi)
     return out
 
@@ -549,8 +550,9 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     PREFETCH: each K tile's words are loaded one tile ahead (in registers), so a program keeps a load in flight
     while it computes.
     grid = (M * N tiles, SPLIT_K): one row of x and BLOCK_N outputs per program (rows of one tile adjacent, so
-    they share its words in L2), SPLIT_K ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC: partial sums are
-    atomically added into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in float32."""
+    they share its words in L2), SPLIT_K balanced ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC:
+    partial sums are atomically added into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in
+    float32/float64."""
     NP: tl.constexpr = KT // 32  # pairs per word row and K tile: slots j and j + NP (3 bits: of both 2-bit blocks)
     HALF: tl.constexpr = KT // 2  # k between the two halves of a pair
     CPG: tl.constexpr = GROUP // 16  # slots per group
@@ -564,22 +566,23 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     r16 = tl.arange(0, 16)[:, None]
     xrow = x_ptr + row.to(tl.int64) * stride_xm
     supers = K // (KT * TT)  # the host makes TT divide K's tiles
-    per_split = tl.cdiv(supers, SPLIT_K)
-    st0 = per_split * tl.program_id(1)
-    st1 = tl.minimum(st0 + per_split, supers)
+    split = tl.program_id(1)
+    st0 = supers * split // SPLIT_K  # balanced ranges: their lengths differ by at most one super tile
+    st1 = supers * (split + 1) // SPLIT_K
     accf = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     mask_w = mask_n[None, :]
     t_end = st1 * TT
     if PREFETCH:  # K tile t + 1's words are loaded before tile t is computed
-        n_lo, n_hi, n_h = _hg_words(qw_ptr, st0 * TT, K, N, offs_n, tl.where(st0 < st1, mask_w, False), r16, BITS, R2, R1, RB)
+        n_lo, n_hi, n_h = _hg_words(qw_ptr, st0 * TT, K, N, offs_n, tl.where(st0 < st1, mask_w, False), r16, BITS,
+                                    R2, R1, RB)
     for st in range(st0, st1):
         acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)  # packed fp16 pairs (+0.0, +0.0)
         for tt in tl.static_range(TT):
             t = st * TT + tt
             if PREFETCH:
                 ab_lo, ab_hi, h = n_lo, n_hi, n_h
-                n_lo, n_hi, n_h = _hg_words(qw_ptr, t + 1, K, N, offs_n, tl.where(t + 1 < t_end, mask_w, False), r16, BITS, R2,
-                                            R1, RB)
+                live = tl.where(t + 1 < t_end, mask_w, False)  # nothing past the program's range
+                n_lo, n_hi, n_h = _hg_words(qw_ptr, t + 1, K, N, offs_n, live, r16, BITS, R2, R1, RB)
             else:
                 ab_lo, ab_hi, h = _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS, R2, R1, RB)
             k0 = t * KT
@@ -613,7 +616,8 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
                     acc = _h2_fma(sz2, xs2, acc, PTX)
         accf = _h2_flush(acc, accf)
     out = tl.sum(accf, axis=0)[None, :]
-    _store_out(out, y_ptr, b_ptr, tl.zeros((1,), tl.int32) + row, offs_n, M, N, stride_ym, st0, HAS_BIAS, ATOMIC)
+    _store_out(out, y_ptr, b_ptr, tl.zeros((1,), tl.int32) + row, offs_n, M, N, stride_ym, split, HAS_BIAS,
+               ATOMIC)  # the bias: split 0 only, even where its range is empty
 
 
 @triton.jit

@@ -258,26 +258,30 @@ def test_stream_k_compiles_for_sm90():
         assert stream.asm["ttir"].count("scf.for") == split.asm["ttir"].count("scf.for") + 1
 
 
-@pytest.mark.parametrize("bits,group,tt,prefetch", [(4, 128, 1, False), (4, 128, 2, True), (3, 128, 2, True),
-                                                     (2, 64, 4, True), (3, 32, 1, False)])
-def test_hgemv_compiles_to_packed_half_fmas(bits, group, tt, prefetch):
+@pytest.mark.parametrize("bits,group,tt", [(4, 128, 1), (4, 128, 2), (3, 128, 2), (2, 64, 4), (3, 32, 1)])
+def test_hgemv_compiles_to_packed_half_fmas(bits, group, tt):
     """The "hgemv" kind (KERNELS.md v12) compiles for sm_90 with several K tiles per flush (TT; constexprs
     inside its static loops broke this once, which the interpreter does not see) and does its per-weight
     math as packed fp16x2 FMAs, no float32 FMA in the K loop; 3 bits joins the 1-bit plane with funnel
-    shifts; with and without the one-tile prefetch. Its numbers are checked in the interpreter and on a GPU."""
+    shifts. The one-tile prefetch (PREFETCH) adds one K tile's 16-byte word loads (the prologue before the
+    loop) to the TT tiles' the loop body has. Its numbers are checked in the interpreter and on a GPU."""
     import re
 
     from dashq_vllm.kernels.triton_kernels import dashq_gemv_kernel
 
-    consts = dict(BITS=bits, GROUP=group, BLOCK_N=64, TT=tt, ATOMIC=True, HAS_BIAS=False, PTX=True, EVEN_K=True,
-                  KT=K.k_tile(bits), PREFETCH=prefetch)
-    ptx = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, consts).asm["ptx"]
-    # a thread of 4 warps owns 8 of the (16, 64) accumulator's packed pairs; each takes two packed FMAs (v S - S,
-    # then x + acc) in each of a K tile's KT / 32 pair slots, TT tiles per flush (all unrolled)
-    pairs = len(re.findall(r"fma\.rn\.f16x2", ptx))
-    assert pairs >= 2 * (16 * 64 // 128) * tt * (K.k_tile(bits) // 32), pairs
-    assert "fma.rn.f32" not in ptx
-    assert ("shf.r.wrap" in ptx) == (bits == 3)
+    word_loads = {}
+    for prefetch in (False, True):
+        consts = dict(BITS=bits, GROUP=group, BLOCK_N=64, TT=tt, ATOMIC=True, HAS_BIAS=False, PTX=True,
+                      EVEN_K=True, KT=K.k_tile(bits), PREFETCH=prefetch)
+        ptx = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, consts).asm["ptx"]
+        # a thread of 4 warps owns 8 of the (16, 64) accumulator's packed pairs; each takes two packed FMAs
+        # (v S - S, then x + acc) in each of a K tile's KT / 32 pair slots, TT tiles per flush (all unrolled)
+        pairs = len(re.findall(r"fma\.rn\.f16x2", ptx))
+        assert pairs >= 2 * (16 * 64 // 128) * tt * (K.k_tile(bits) // 32), pairs
+        assert "fma.rn.f32" not in ptx
+        assert ("shf.r.wrap" in ptx) == (bits == 3)
+        word_loads[prefetch] = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx))
+    assert word_loads[False] > 0 and word_loads[True] * tt == word_loads[False] * (tt + 1), word_loads
 
 
 @pytest.mark.parametrize("dtype,half_fma", [(torch.float16, r"fma\.rn\.f16"), (torch.bfloat16, r"fma\.rn\.bf16")])
@@ -451,7 +455,7 @@ def test_heuristic_m1_hgemv(case):
     """M = 1 with fp16 x on layers of >= HGEMV_MIN_N outputs: the packed-fp16 GEMV, 64 wide, 4 warps,
     HGEMV_TILES[bits] K tiles per flush, its split within 12% of the best swept hgemv config on the H100. Not
     for bf16 x (nor without a dtype, as the sweeps ask for other kinds' splits), at M = 2, on narrower layers
-    (8B qkv/o/down, where the tensor-core kinds won), or at g32 (not swept)."""
+    (8B qkv/o/down, where the tensor-core kinds won), or at group sizes not swept for that width."""
     from dashq_vllm.kernels import configs as C
 
     bits, k, n = case
@@ -465,7 +469,8 @@ def test_heuristic_m1_hgemv(case):
                   C.heuristic_config(1, n, k, bits, group, sms=132),
                   C.heuristic_config(2, n, k, bits, group, sms=132, dtype=torch.float16),
                   C.heuristic_config(1, 6144, k, bits, group, sms=132, dtype=torch.float16),
-                  C.heuristic_config(1, n, k, bits, 32, sms=132, dtype=torch.float16)):
+                  C.heuristic_config(1, n, k, bits, 32, sms=132, dtype=torch.float16),
+                  C.heuristic_config(1, n, k, bits, 192 - group, sms=132, dtype=torch.float16)):
         assert other.kind != "hgemv", other
     # a K whose tile count HGEMV_TILES does not divide gets fewer tiles per flush
     odd = C.heuristic_config(1, n, 3 * K.k_tile(bits), bits, group, sms=132, dtype=torch.float16)

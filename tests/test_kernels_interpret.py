@@ -95,11 +95,13 @@ else:
     }
 
     def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
-        """One kernel path on fresh random data against float64; N = 40 is not a multiple of
+        m, make_cfg = PATHS[path]
+        return _check_config(bits, group, dtype, m, make_cfg(dtype), k_in, seed, with_bias)
+
+    def _check_config(bits, group, dtype, m, cfg, k_in, seed, with_bias):
+        """One kernel config on fresh random data against float64; N = 40 is not a multiple of
         BLOCK_N. y has 8 poisoned spare columns that must stay untouched; its body is NaN-poisoned
         too, except under split-K or stream-K, which accumulate into a zero-filled output by contract."""
-        m, make_cfg = PATHS[path]
-        cfg = make_cfg(dtype)
         n = 40
         spec, t = random_module(bits, group, n, k_in, seed)
         kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, dtype)
@@ -134,6 +136,25 @@ else:
         k_in = 2 * K.k_tile(bits)
         kw = _check_path(bits, 64, torch.float16, path, k_in, zlib.crc32(f"even{bits}{path}".encode()), False)
         assert kw.k == k_in
+
+    @pytest.mark.parametrize("prefetch", [False, True])
+    @pytest.mark.parametrize("bits", [2, 3, 4])
+    def test_hgemv_uneven_split_ranges(bits, prefetch):
+        """The packed-fp16 GEMV over five K tiles: split 4 (ranges of 1, 1, 1 and 2 tiles), split 3 with two
+        rows, and one program walking all five (with the prefetch: across every tile boundary, and past the
+        last tile masked); a flush every 2 tiles does not divide 5, so fit_config makes it 1."""
+        from dashq_vllm.kernels.configs import fit_config
+
+        stages = 2 if prefetch else 3
+        k_in = 5 * K.k_tile(bits) - 3
+        for i, (m, cfg) in enumerate([(1, KernelConfig(1, 32, split_k=4, kind="hgemv", num_stages=stages)),
+                                      (2, KernelConfig(1, 32, split_k=3, kind="hgemv", num_stages=stages)),
+                                      (1, KernelConfig(1, 32, kind="hgemv", num_stages=stages))]):
+            kw = _check_config(bits, 64, torch.float16, m, cfg, k_in, zlib.crc32(f"uneven{bits}{prefetch}{i}".encode()),
+                               i == 0)
+            assert kw.k == 5 * K.k_tile(bits)
+        assert fit_config(KernelConfig(1, 32, kind="hgemv", block_k=2 * K.k_tile(bits)), 5 * K.k_tile(bits), 64,
+                          bits, torch.float16).block_k == K.k_tile(bits)
 
     @pytest.mark.parametrize("m", [1, 16, 17, 70])
     def test_triton_linear_entry_point(m):
