@@ -128,6 +128,14 @@ def swap_stages(bits: int, block_m: int) -> int:
     return stages
 
 
+def hgemv_tiles(k: int, bits: int, want: int) -> int:
+    """K tiles per flush of an "hgemv" config: the largest divisor of K's tile count up to ``want`` (at least 1)."""
+    tt = max(1, want)
+    while (k // k_tile(bits)) % tt:
+        tt -= 1
+    return tt
+
+
 def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 132,
                      block_n: int | None = None, dtype: torch.dtype | None = None) -> KernelConfig:
     """Defaults for shapes the tuned table lacks (from the H100/H200 sweeps in benchmarks/KERNELS.md).
@@ -148,9 +156,7 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
         tile = k_tile(bits)
         if m == 1 and dtype == torch.float16 and HGEMV_GROUP.get(bits) == group and n >= HGEMV_MIN_N \
                 and block_n is None:
-            tiles = HGEMV_TILES[bits]
-            while (k // tile) % tiles:
-                tiles //= 2
+            tiles = hgemv_tiles(k, bits, HGEMV_TILES[bits])
             split = _split_k(-(-n // 64), k, tile * tiles, sms, tile * tiles)
             return KernelConfig(1, 64, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="hgemv",
                                 block_k=tiles * tile)
@@ -207,10 +213,8 @@ def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dt
         cfg = replace(cfg, half_dq=False)
     if cfg.kind == "hgemv" and (bits == 8 or dtype != torch.float16):  # packed fp16 math on 2/3/4-bit codes
         cfg = replace(cfg, kind="gemv", block_k=0)
-    if cfg.kind == "hgemv":  # K tiles per flush: a divisor of K's tiles
-        tt = max(1, cfg.block_k // k_tile(bits))
-        while (k // k_tile(bits)) % tt:
-            tt -= 1
+    if cfg.kind == "hgemv":
+        tt = hgemv_tiles(k, bits, cfg.block_k // k_tile(bits))
         cfg = replace(cfg, block_k=tt * k_tile(bits), split_k=max(1, min(cfg.split_k, k // k_tile(bits) // tt)))
     if cfg.kind in ("gemv", "hgemv") and cfg.block_m != 1:
         cfg = replace(cfg, block_m=1)
