@@ -433,9 +433,9 @@ def dashq_linear_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, 
 # Decode on the CUDA cores in packed fp16 (fp16 x). A word of the 2/4-bit plane holds slots j and j + P/2 (P codes
 # per word) in its two 16-bit halves, so one shift and one LOP3, ``(word << d or >> -d) & MASK2 | ONE2``, turn a
 # pair of codes into a pair of exact halves v = 1 + q / 2^b (the code in the top b bits of the mantissa) for
-# k = 16 j + r and 16 j + KT/2 + r of word row r. One HFMA2 dequantizes the pair to q s = v S - S (S = 2^b s,
-# exact before its one rounding), one more multiplies it into a packed fp16 accumulator with the matching pair
-# of x. The zero term (szeros times x) goes per group, one HFMA2 with the group's packed x sums. At 3 bits slot j
+# k = 16 j + r and 16 j + KT/2 + r of word row r. One HFMA2 dequantizes the pair to w = q s + z = v S + (z - S)
+# (S = 2^b s exact; z - S rounded once per group and column; w rounded once), one more multiplies it into a packed
+# fp16 accumulator with the matching pair of x. At 3 bits slot j
 # of the tile's two 2-bit blocks pair up (k = 16 j + r and 256 + 16 j + r; their low halves are joined first),
 # and the 1-bit plane, whose slots j and j + 16 are the same two k, is rotated so they land at bit 9 of each
 # half. The fp16 accumulator is flushed into float32 once per super tile (TT K tiles), and the float32
@@ -473,10 +473,11 @@ def _h2_fma(a, b, c, PTX: tl.constexpr):
 
 
 @triton.jit
-def _h2_pair_fma(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, ns2, x2, acc, BITS: tl.constexpr,
+def _h2_pair_fma(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, zs2, x2, acc, BITS: tl.constexpr,
                  PTX: tl.constexpr):
-    """acc + (v S - S) x for the pair of codes at bit SRC_BIT of both halves of src (at 3 bits their low two
-    bits, the high bit being bit J of both halves of the 1-bit plane word h), all packed fp16 (int32 tensors)."""
+    """acc + (v S + (z - S)) x = acc + (q s + z) x for the pair of codes at bit SRC_BIT of both halves of src (at 3
+    bits their low two bits, the high bit being bit J of both halves of the 1-bit plane word h), all packed fp16
+    (int32 tensors)."""
     W: tl.constexpr = 2 if BITS == 3 else BITS  # code bits in src
     TO: tl.constexpr = 10 - BITS  # the code's lowest bit in each half of v = 1 + q / 2^BITS
     D: tl.constexpr = TO - SRC_BIT  # shift left by D (right by -D)
@@ -493,14 +494,14 @@ def _h2_pair_fma(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, ns2, x2, ac
                 asm, "=r,r,r,r,r,r,r,r,r,r,r,r",
                 [src, h, tl.full(src.shape, DA, tl.int32), tl.full(src.shape, ROT, tl.int32),
                  tl.full(src.shape, M2, tl.int32), tl.full(src.shape, 0x02000200, tl.int32),
-                 tl.full(src.shape, _ONE2, tl.int32), s2, ns2, x2, acc], dtype=tl.int32, is_pure=True, pack=1)
+                 tl.full(src.shape, _ONE2, tl.int32), s2, zs2, x2, acc], dtype=tl.int32, is_pure=True, pack=1)
         else:
             asm: tl.constexpr = ("{ .reg .b32 t; " + SHIFT + " t, $1, $2; lop3.b32 t, t, $3, $4, 0xea; "
                                  "fma.rn.f16x2 t, t, $5, $6; fma.rn.f16x2 $0, t, $7, $8; }")
             out = tl.inline_asm_elementwise(
                 asm, "=r,r,r,r,r,r,r,r,r",
                 [src, tl.full(src.shape, DA, tl.int32), tl.full(src.shape, M2, tl.int32),
-                 tl.full(src.shape, _ONE2, tl.int32), s2, ns2, x2, acc], dtype=tl.int32, is_pure=True, pack=1)
+                 tl.full(src.shape, _ONE2, tl.int32), s2, zs2, x2, acc], dtype=tl.int32, is_pure=True, pack=1)
     else:
         if D > 0:
             v = src << D
@@ -513,23 +514,33 @@ def _h2_pair_fma(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, ns2, x2, ac
             else:  # rotate right by ROT (a logical shift right, then the wrapped low bits)
                 rr = ((h >> ROT) & ((1 << (32 - ROT)) - 1)) | (h << (32 - ROT))
             v = v | (rr & 0x02000200)
-        out = _h2_fma(_h2_fma(v, s2, ns2, PTX), x2, acc, PTX)
+        out = _h2_fma(_h2_fma(v, s2, zs2, PTX), x2, acc, PTX)
+    return out
+
+
+@triton.jit
+def _hg_load(ptr, mask, MASKED: tl.constexpr):
+    """Words or group rows at ptr; masked (other 0) unless every lane is in range."""
+    if MASKED:
+        out = tl.load(ptr, mask=mask, other=0)
+    else:
+        out = tl.load(ptr)
     return out
 
 
 @triton.jit
 def _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS: tl.constexpr, R2: tl.constexpr, R1: tl.constexpr,
-              RB: tl.constexpr):
+              RB: tl.constexpr, MASKED: tl.constexpr):
     """K tile t's words as (ab_lo, ab_hi, h): 2/4 bits the block's words three times; 3 bits the slots 0-7 and
     8-15 of both 2-bit blocks joined (block a's in the low halves) and the 1-bit block's words."""
     if BITS == 3:
-        a = tl.load(qw_ptr + (2 * t * R2 + r16) * N + offs_n[None, :], mask=mask_w, other=0)
-        b = tl.load(qw_ptr + ((2 * t + 1) * R2 + r16) * N + offs_n[None, :], mask=mask_w, other=0)
-        h = tl.load(qw_ptr + (K // 16) * N + (t * R1 + r16) * N + offs_n[None, :], mask=mask_w, other=0)
+        a = _hg_load(qw_ptr + (2 * t * R2 + r16) * N + offs_n[None, :], mask_w, MASKED)
+        b = _hg_load(qw_ptr + ((2 * t + 1) * R2 + r16) * N + offs_n[None, :], mask_w, MASKED)
+        h = _hg_load(qw_ptr + (K // 16) * N + (t * R1 + r16) * N + offs_n[None, :], mask_w, MASKED)
         ab_lo = (a & 0xFFFF) | (b << 16)  # slots 0-7 of both blocks, block a's low
         ab_hi = ((a >> 16) & 0xFFFF) | (b & -65536)  # slots 8-15
     else:
-        ab_lo = tl.load(qw_ptr + (t * RB + r16) * N + offs_n[None, :], mask=mask_w, other=0)
+        ab_lo = _hg_load(qw_ptr + (t * RB + r16) * N + offs_n[None, :], mask_w, MASKED)
         ab_hi = ab_lo
         h = ab_lo
     return ab_lo, ab_hi, h
@@ -545,14 +556,15 @@ def _h2_flush(acc, accf):
 def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
                       BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, TT: tl.constexpr,
                       ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr, EVEN_K: tl.constexpr,
-                      KT: tl.constexpr, PREFETCH: tl.constexpr):
+                      KT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_N: tl.constexpr):
     """y[M, N] (+)= x[M, :KX] @ W[:K, N], fp16 x, on the CUDA cores in packed fp16 (see the section comment).
     PREFETCH: each K tile's words are loaded one tile ahead (in registers), so a program keeps a load in flight
     while it computes.
     grid = (M * N tiles, SPLIT_K): one row of x and BLOCK_N outputs per program (rows of one tile adjacent, so
     they share its words in L2), SPLIT_K balanced ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC:
     partial sums are atomically added into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in
-    float32/float64."""
+    float32/float64. EVEN_N: BLOCK_N divides N, so the word and group loads need no mask (the prefetch's still do:
+    it masks the tile past a program's range)."""
     NP: tl.constexpr = KT // 32  # pairs per word row and K tile: slots j and j + NP (3 bits: of both 2-bit blocks)
     HALF: tl.constexpr = KT // 2  # k between the two halves of a pair
     CPG: tl.constexpr = GROUP // 16  # slots per group
@@ -574,7 +586,7 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     t_end = st1 * TT
     if PREFETCH:  # K tile t + 1's words are loaded before tile t is computed
         n_lo, n_hi, n_h = _hg_words(qw_ptr, st0 * TT, K, N, offs_n, tl.where(st0 < st1, mask_w, False), r16, BITS,
-                                    R2, R1, RB)
+                                    R2, R1, RB, True)
     for st in range(st0, st1):
         acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)  # packed fp16 pairs (+0.0, +0.0)
         for tt in tl.static_range(TT):
@@ -582,22 +594,24 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
             if PREFETCH:
                 ab_lo, ab_hi, h = n_lo, n_hi, n_h
                 live = tl.where(t + 1 < t_end, mask_w, False)  # nothing past the program's range
-                n_lo, n_hi, n_h = _hg_words(qw_ptr, t + 1, K, N, offs_n, live, r16, BITS, R2, R1, RB)
+                n_lo, n_hi, n_h = _hg_words(qw_ptr, t + 1, K, N, offs_n, live, r16, BITS, R2, R1, RB, True)
             else:
-                ab_lo, ab_hi, h = _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS, R2, R1, RB)
+                ab_lo, ab_hi, h = _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS, R2, R1, RB, not EVEN_N)
             k0 = t * KT
             for j in tl.static_range(NP):
                 if j % CPG == 0:  # a new pair of groups: slot j's (low halves) and slot j + NP's (high)
                     g_lo = (k0 + 16 * j) // GROUP
-                    g_hi = (k0 + 16 * j + HALF) // GROUP
-                    s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0).to(tl.float16)
-                    s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=mask_n, other=0.0).to(tl.float16)
-                    z_lo = tl.load(z_ptr + g_lo * N + offs_n, mask=mask_n, other=0.0).to(tl.float16)
-                    z_hi = tl.load(z_ptr + g_hi * N + offs_n, mask=mask_n, other=0.0).to(tl.float16)
-                    s2 = _h2_pack(s_lo * SCALE, s_hi * SCALE)[None, :]  # S = 2^BITS s, exact
-                    ns2 = _h2_pack(s_lo * -SCALE, s_hi * -SCALE)[None, :]
-                    sz2 = _h2_pack(z_lo, z_hi)[None, :]
-                    xs2 = tl.zeros((16, 1), dtype=tl.int32)
+                    s_lo = _hg_load(s_ptr + g_lo * N + offs_n, mask_n, not EVEN_N).to(tl.float16) * SCALE
+                    z_lo = _hg_load(z_ptr + g_lo * N + offs_n, mask_n, not EVEN_N).to(tl.float16)
+                    if GROUP >= KT:  # both halves in one group (4 bits, g128)
+                        s_hi = s_lo
+                        z_hi = z_lo
+                    else:
+                        g_hi = (k0 + 16 * j + HALF) // GROUP
+                        s_hi = _hg_load(s_ptr + g_hi * N + offs_n, mask_n, not EVEN_N).to(tl.float16) * SCALE
+                        z_hi = _hg_load(z_ptr + g_hi * N + offs_n, mask_n, not EVEN_N).to(tl.float16)
+                    s2 = _h2_pack(s_lo, s_hi)[None, :]  # S = 2^BITS s, exact
+                    zs2 = _h2_pack(z_lo - s_lo, z_hi - s_hi)[None, :]  # z - S, one rounding
                 offs_lo = k0 + 16 * j + r16
                 if EVEN_K:
                     x_lo = tl.load(xrow + offs_lo)
@@ -606,14 +620,11 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
                     x_lo = tl.load(xrow + offs_lo, mask=offs_lo < KX, other=0.0)
                     x_hi = tl.load(xrow + offs_lo + HALF, mask=offs_lo + HALF < KX, other=0.0)
                 x2 = _h2_pack(x_lo, x_hi)
-                xs2 = _h2_fma(x2, tl.full((16, 1), _ONE2, tl.int32), xs2, PTX)  # + x2 (times 1.0)
                 if BITS == 3:
                     src = ab_lo if j < 8 else ab_hi
-                    acc = _h2_pair_fma(src, h, 2 * (j % 8), j, s2, ns2, x2, acc, BITS, PTX)
+                    acc = _h2_pair_fma(src, h, 2 * (j % 8), j, s2, zs2, x2, acc, BITS, PTX)
                 else:
-                    acc = _h2_pair_fma(ab_lo, h, BITS * j, j, s2, ns2, x2, acc, BITS, PTX)
-                if (j + 1) % CPG == 0 or j == NP - 1:  # last slot of the groups: their zero term
-                    acc = _h2_fma(sz2, xs2, acc, PTX)
+                    acc = _h2_pair_fma(ab_lo, h, BITS * j, j, s2, zs2, x2, acc, BITS, PTX)
         accf = _h2_flush(acc, accf)
     out = tl.sum(accf, axis=0)[None, :]
     _store_out(out, y_ptr, b_ptr, tl.zeros((1,), tl.int32) + row, offs_n, M, N, stride_ym, split, HAS_BIAS,
@@ -776,7 +787,7 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_N=cfg.block_n, TT=max(1, cfg.block_k // k_tile(bits)),
                     ATOMIC=cfg.atomic, HAS_BIAS=bias is not None,
                     PTX=_PTX_PLATFORM and not _INTERPRET and x2.is_cuda, EVEN_K=kx == k, KT=k_tile(bits),
-                    PREFETCH=cfg.num_stages == 2)
+                    PREFETCH=cfg.num_stages == 2, EVEN_N=n % cfg.block_n == 0)
     elif cfg.kind == "wide":
         kernel = dashq_gemm_kernel
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0))

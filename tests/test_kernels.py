@@ -272,7 +272,7 @@ def test_hgemv_compiles_to_packed_half_fmas(bits, group, tt):
     word_loads = {}
     for prefetch in (False, True):
         consts = dict(BITS=bits, GROUP=group, BLOCK_N=64, TT=tt, ATOMIC=True, HAS_BIAS=False, PTX=True,
-                      EVEN_K=True, KT=K.k_tile(bits), PREFETCH=prefetch)
+                      EVEN_K=True, KT=K.k_tile(bits), PREFETCH=prefetch, EVEN_N=True)
         ptx = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, consts).asm["ptx"]
         # a thread of 4 warps owns 8 of the (16, 64) accumulator's packed pairs; each takes two packed FMAs
         # (v S - S, then x + acc) in each of a K tile's KT / 32 pair slots, TT tiles per flush (all unrolled)

@@ -98,11 +98,10 @@ else:
         m, make_cfg = PATHS[path]
         return _check_config(bits, group, dtype, m, make_cfg(dtype), k_in, seed, with_bias)
 
-    def _check_config(bits, group, dtype, m, cfg, k_in, seed, with_bias):
+    def _check_config(bits, group, dtype, m, cfg, k_in, seed, with_bias, n=40):
         """One kernel config on fresh random data against float64; N = 40 is not a multiple of
         BLOCK_N. y has 8 poisoned spare columns that must stay untouched; its body is NaN-poisoned
         too, except under split-K or stream-K, which accumulate into a zero-filled output by contract."""
-        n = 40
         spec, t = random_module(bits, group, n, k_in, seed)
         kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, dtype)
         g = torch.Generator().manual_seed(seed)
@@ -155,6 +154,15 @@ else:
             assert kw.k == 5 * K.k_tile(bits)
         assert fit_config(KernelConfig(1, 32, kind="hgemv", block_k=2 * K.k_tile(bits)), 5 * K.k_tile(bits), 64,
                           bits, torch.float16).block_k == K.k_tile(bits)
+
+    @pytest.mark.parametrize("prefetch", [False, True])
+    @pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 128), (4, 32)])
+    def test_hgemv_even_n(bits, group, prefetch):
+        """N = 64, a multiple of BLOCK_N = 32: the packed-fp16 GEMV loads words and group rows without a mask
+        (EVEN_N; the prefetch still masks the tile past a program's range), two rows, split 2, with a bias."""
+        cfg = KernelConfig(1, 32, split_k=2, kind="hgemv", num_stages=2 if prefetch else 3)
+        _check_config(bits, group, torch.float16, 2, cfg, 2 * K.k_tile(bits),
+                      zlib.crc32(f"evenn{bits}{group}{prefetch}".encode()), True, n=64)
 
     @pytest.mark.parametrize("m", [1, 16, 17, 70])
     def test_triton_linear_entry_point(m):
