@@ -547,6 +547,46 @@ def _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS: tl.constexpr, R2: tl.c
 
 
 @triton.jit
+def _h2_transpose(lo, hi, PTX: tl.constexpr):
+    """Packed pairs lo = (a0, a1), hi = (b0, b1) -> (a0, b0) and (a1, b1): one PRMT each."""
+    if PTX:
+        even = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        odd = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [lo, hi], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    else:
+        even = (lo & 0xFFFF) | (hi << 16)
+        odd = ((lo >> 16) & 0xFFFF) | (hi & -65536)
+    return even, odd
+
+
+@triton.jit
+def _hg_group_pairs(s_ptr, z_ptr, g_lo, g_hi, N, n0, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+                    SAME: tl.constexpr, PTX: tl.constexpr):
+    """(S, z - S) of the groups g_lo (low halves) and g_hi (high; SAME: g_hi is g_lo) packed per column, (BLOCK_N,)
+    int32 each, for the columns n0 + [0, BLOCK_N) (all in range, N even): each group row is read as packed column
+    pairs, scaled (S = 2^BITS s, exact) and subtracted (z - S, one rounding) two columns at a time in packed fp16,
+    then transposed into (low group, high group) pairs."""
+    c2 = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+    sp = s_ptr.to(tl.pointer_type(tl.int32))
+    zp = z_ptr.to(tl.pointer_type(tl.int32))
+    scale2 = tl.full((BLOCK_N // 2,), ((15 + BITS) << 10) * 65537, tl.int32)  # fp16 2^BITS in both halves
+    neg1 = tl.full((BLOCK_N // 2,), -1140802560, tl.int32)  # 0xBC00BC00: fp16 -1.0 in both halves
+    zero = tl.zeros((BLOCK_N // 2,), tl.int32)
+    s_lo = _h2_fma(tl.load(sp + g_lo * (N // 2) + c2), scale2, zero, PTX)
+    zs_lo = _h2_fma(s_lo, neg1, tl.load(zp + g_lo * (N // 2) + c2), PTX)
+    if SAME:
+        s_hi = s_lo
+        zs_hi = zs_lo
+    else:
+        s_hi = _h2_fma(tl.load(sp + g_hi * (N // 2) + c2), scale2, zero, PTX)
+        zs_hi = _h2_fma(s_hi, neg1, tl.load(zp + g_hi * (N // 2) + c2), PTX)
+    s_e, s_o = _h2_transpose(s_lo, s_hi, PTX)
+    z_e, z_o = _h2_transpose(zs_lo, zs_hi, PTX)
+    return tl.join(s_e, s_o).reshape(BLOCK_N), tl.join(z_e, z_o).reshape(BLOCK_N)
+
+
+@triton.jit
 def _h2_flush(acc, accf):
     """accf + both halves of the packed fp16 accumulator, in float32."""
     return accf + _h2_half(acc, False) + _h2_half(acc, True)
@@ -573,7 +613,8 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     R1: tl.constexpr = _plane_rows(BITS, 1)  # a static_range body may not redefine one) and of a 1-bit block
     RB: tl.constexpr = _plane_rows(BITS, BITS)  # 2/4 bits: word rows of a block
     row = tl.program_id(0) % M
-    offs_n = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = (tl.program_id(0) // M) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     r16 = tl.arange(0, 16)[:, None]
     xrow = x_ptr + row.to(tl.int64) * stride_xm
@@ -599,7 +640,12 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
                 ab_lo, ab_hi, h = _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS, R2, R1, RB, not EVEN_N)
             k0 = t * KT
             for j in tl.static_range(NP):
-                if j % CPG == 0:  # a new pair of groups: slot j's (low halves) and slot j + NP's (high)
+                if j % CPG == 0 and EVEN_N:  # a new pair of groups: slot j's (low halves) and slot j + NP's (high)
+                    s2, zs2 = _hg_group_pairs(s_ptr, z_ptr, (k0 + 16 * j) // GROUP, (k0 + 16 * j + HALF) // GROUP, N,
+                                              n0, BLOCK_N, BITS, GROUP >= KT, PTX)
+                    s2 = s2[None, :]
+                    zs2 = zs2[None, :]
+                elif j % CPG == 0:
                     g_lo = (k0 + 16 * j) // GROUP
                     s_lo = _hg_load(s_ptr + g_lo * N + offs_n, mask_n, not EVEN_N).to(tl.float16) * SCALE
                     z_lo = _hg_load(z_ptr + g_lo * N + offs_n, mask_n, not EVEN_N).to(tl.float16)
