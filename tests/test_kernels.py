@@ -3,6 +3,7 @@ the torch.library registration (schema + fake kernel). The Triton kernels themse
 under the interpreter in tests/test_kernels_interpret.py."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -180,26 +181,14 @@ def _compile_sm90(bits, dtype, ptx, mode="scaled", even_k=True, swap=False, bloc
 
 def _compile_fn_sm90(fn, dtype, consts, num_warps=4, num_stages=3):
     """A kernel of the (x, qw, s, z, b, y, M, N, K, KX, stride_xm, stride_ym, SPLIT_K, constexprs...) signature
-    compiled ahead of time for sm_90."""
-    triton = pytest.importorskip("triton")
+    compiled ahead of time for sm_90 (dashq_vllm.benchmarks.sass)."""
+    pytest.importorskip("triton")
+    from dashq_vllm.benchmarks.sass import compile_sm90
+
     try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+        return compile_sm90(fn, dtype, consts, num_warps, num_stages)
     except ImportError as e:  # pragma: no cover - triton layout dependent
         pytest.skip(f"this triton cannot compile ahead of time: {e!r}")
-    from dashq_vllm.kernels.triton_kernels import FP_FUSION
-
-    t = {torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
-    sig = {"x_ptr": t, "qw_ptr": "*i32", "s_ptr": t, "z_ptr": t, "b_ptr": t, "y_ptr": t, "M": "i32", "N": "i32",
-           "K": "i32", "KX": "i32", "stride_xm": "i32", "stride_ym": "i32", "SPLIT_K": "i32"}
-    sig.update({k: "constexpr" for k in consts})
-    names = fn.arg_names
-    aligned = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "N", "K", "KX", "stride_xm", "stride_ym")
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages, **FP_FUSION})
     except Exception as e:
         if "ptxas" in repr(e).lower() and "not found" in repr(e).lower():  # pragma: no cover
             pytest.skip(f"no ptxas for an ahead-of-time compile: {e!r}")
@@ -282,6 +271,24 @@ def test_hgemv_compiles_to_packed_half_fmas(bits, group, tt):
         assert ("shf.r.wrap" in ptx) == (bits == 3)
         word_loads[prefetch] = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx))
     assert word_loads[False] > 0 and word_loads[True] * tt == word_loads[False] * (tt + 1), word_loads
+
+
+@pytest.mark.parametrize("bits,group,tt", [(4, 128, 2), (2, 64, 4), (3, 128, 1)])
+def test_hgemv_sass_loop(bits, group, tt):
+    """The hgemv K loop in sm_90 SASS (KERNELS.md v13): two HFMA2 per pair of weights (dequantize to q s + z, then
+    multiply into the accumulator) plus a few per group (no per-slot x sums, no per-group zero term), no float32
+    FMA, and nothing through shared memory (the packed group rows are transposed in registers)."""
+    from dashq_vllm.benchmarks.sass import disassemble, hgemv_consts, loop_histogram
+    from dashq_vllm.kernels.triton_kernels import dashq_gemv_kernel
+
+    compiled = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, hgemv_consts(bits, group, tt))
+    try:
+        hist = loop_histogram(disassemble(compiled.asm["cubin"]))
+    except (OSError, subprocess.CalledProcessError) as e:  # pragma: no cover - triton layout dependent
+        pytest.skip(f"no nvdisasm: {e!r}")
+    pairs = (16 * 64 // 128) * tt * (K.k_tile(bits) // 32)  # per thread and iteration
+    assert 2 * pairs <= hist["HFMA2"] + hist["HMUL2"] <= 2.5 * pairs, hist
+    assert hist["FFMA"] == 0 and not {"STS", "LDS", "BAR"} & set(hist), hist
 
 
 @pytest.mark.parametrize("dtype,half_fma", [(torch.float16, r"fma\.rn\.f16"), (torch.bfloat16, r"fma\.rn\.bf16")])
