@@ -290,10 +290,17 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     "hgemv": (1, KernelConfig(1, 128, split_k=4, kind="hgemv", block_k=512)),
     "hgemv-m3": (3, KernelConfig(1, 64, split_k=2, kind="hgemv", block_k=1024)),
     "hgemv-prefetch": (1, KernelConfig(1, 64, split_k=2, kind="hgemv", block_k=512, num_stages=2)),
+    # v13, on CHECK_EVEN (the tile divides N, x exactly K wide: no masks, group rows read as packed column pairs):
+    # one row, the prefetch, 2 rows per program, and 3 rows in a program of 4 (one row past M)
+    "hgemv-even": (1, KernelConfig(1, 64, split_k=4, kind="hgemv", block_k=512)),
+    "hgemv-prefetch-even": (1, KernelConfig(1, 64, split_k=2, kind="hgemv", block_k=1024, num_stages=2)),
+    "hgemv-rows2-even": (2, KernelConfig(2, 64, split_k=4, kind="hgemv", block_k=512)),
+    "hgemv-rows4-m3-even": (3, KernelConfig(4, 128, split_k=2, kind="hgemv", block_k=512, num_stages=2)),
 }
 
 
 CHECK_N, CHECK_K, CHECK_KX = 1000, 2048, 2041  # N, x's width not multiples of 16; K padded
+CHECK_EVEN = (1024, 2048)  # (N, x's width) of the "-even" variants: multiples of every tile
 
 
 def check_plan(quick=False, bits_list=(2, 3, 4, 8)):
@@ -314,7 +321,12 @@ def check_plan(quick=False, bits_list=(2, 3, 4, 8)):
                 if bits == 4 and group == 128:
                     cases.append(("dequant-cublas", 300, KernelConfig(128, 128, kind="dequant")))
                     cases.append(("dequant-nk-cublas", 300, KernelConfig(128, 128, kind="dequant", nk=True)))
-                yield bits, group, dt, has_bias, cases
+                yield bits, group, dt, has_bias, [(name, m, cfg, *check_shape(name)) for name, m, cfg in cases]
+
+
+def check_shape(name):
+    """(N, x's width) a check case runs on."""
+    return CHECK_EVEN if name.endswith("-even") else (CHECK_N, CHECK_KX)
 
 
 def run_checks(dev, quick=False, bits_list=(2, 3, 4, 8), paths=frozenset()):
@@ -327,17 +339,20 @@ def run_checks(dev, quick=False, bits_list=(2, 3, 4, 8), paths=frozenset()):
     plan = [p for p in plan if p[4]]
     if not plan:
         raise ValueError(f"--check-paths {sorted(paths)}: no such path in the check plan")
-    precompile([(b, g, dt, fit_config(cfg, CHECK_K, g, b, dt), hb, CHECK_N, CHECK_K, CHECK_KX)
-                for b, g, dt, hb, cases in plan for _, _, cfg in cases])
+    precompile([(b, g, dt, fit_config(cfg, CHECK_K, g, b, dt), hb, n, CHECK_K, kx)
+                for b, g, dt, hb, cases in plan for _, _, cfg, n, kx in cases])
     results, n_bad = [], 0
     for bits, group, dt, has_bias, cases in plan:
-        spec, t, w64 = random_checkpoint(bits, group, CHECK_N, CHECK_KX, dev, seed=bits * 100 + group)
-        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, dt, dev)
-        bias = torch.randn(CHECK_N, device=dev).to(dt) if has_bias else None
-        for name, m, cfg in cases:
+        layers = {}
+        for name, m, cfg, n, kx in cases:
+            if (n, kx) not in layers:
+                spec, t, w64 = random_checkpoint(bits, group, n, kx, dev, seed=bits * 100 + group + len(layers))
+                layers[n, kx] = (K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, dt, dev), w64,
+                                 torch.randn(n, device=dev).to(dt) if has_bias else None)
+            kw, w64, bias = layers[n, kx]
             err, ok = 0.0, True
             for _ in range(2):  # the second launch takes the cached-kernel fast path
-                x = torch.randn(m, CHECK_KX, device=dev).to(dt)
+                x = torch.randn(m, kx, device=dev).to(dt)
                 e, o = check_case(kw, w64, x, bias, cfg)
                 err, ok = max(err, e), ok and o
             n_bad += not ok
@@ -633,20 +648,25 @@ def decode_candidate(kind, block_n, warps, **fields):
                         kind=kind.replace("-half", ""), half_dq=kind == "dot-half", **fields)
 
 
-def hgemv_candidates(n, k, bits, group, sms):
-    """The packed-fp16 GEMV (M = 1): tile widths and warps, 1/2/4 K tiles per flush, split-K to ~2/4/8 programs per
-    SM (at most one per super tile), with and without the one-tile prefetch (num_stages 3 / 2)."""
+def hgemv_candidates(m, n, k, bits, group, sms):
+    """The packed-fp16 GEMV (M <= 4): tile widths and warps, 1/2/4 K tiles per flush, split-K to ~2/4/8 programs per
+    SM (at most one per super tile), with and without the one-tile prefetch (num_stages 3 / 2); at M = 2 / 4 the
+    rows per program (M, or half of M: twice the programs) on 64/128-wide tiles of 4 warps."""
     tile = K.k_tile(bits)
-    for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
-        for tt in (1, 2, 4):
-            supers = k // tile // tt
-            if supers == 0 or (k // tile) % tt:
-                continue
-            splits = {min(supers, max(1, 2 ** round(math.log2(per_sm * sms / -(-n // bn))))) for per_sm in (2, 4, 8)}
-            for sk in sorted(splits):
-                for stages in (3, 2):  # without / with the one-tile prefetch
-                    yield KernelConfig(1, bn, split_k=sk, group_m=1, num_warps=warps, num_stages=stages,
-                                       kind="hgemv", block_k=tt * tile)
+    rows_list = (1,) if m == 1 else (m, m // 2)
+    widths = ((64, 4), (128, 4), (128, 8), (256, 8)) if m == 1 else ((64, 4), (128, 4))
+    for rows in rows_list:
+        for bn, warps in widths:
+            for tt in (1, 2, 4):
+                supers = k // tile // tt
+                if supers == 0 or (k // tile) % tt:
+                    continue
+                programs = -(-n // bn) * (m // rows)
+                splits = {min(supers, max(1, 2 ** round(math.log2(per_sm * sms / programs)))) for per_sm in (2, 4, 8)}
+                for sk in sorted(splits):
+                    for stages in (3, 2):  # without / with the one-tile prefetch
+                        yield KernelConfig(rows, bn, split_k=sk, group_m=1, num_warps=warps, num_stages=stages,
+                                           kind="hgemv", block_k=tt * tile)
 
 
 def sweep_candidates(m, n, k, bits, group, sms):
@@ -656,8 +676,8 @@ def sweep_candidates(m, n, k, bits, group, sms):
         return
     if SWEEP_KINDS and m <= 16:
         yield K.configs.pick_config(m, n, k, bits, group, torch.device("cuda"))
-        if "hgemv" in SWEEP_KINDS and m == 1:
-            yield from hgemv_candidates(n, k, bits, group, sms)
+        if "hgemv" in SWEEP_KINDS and m in (1, 2, 4):
+            yield from hgemv_candidates(m, n, k, bits, group, sms)
         return
     if m <= 16:
         cands = [("scaled", bn, w) for bn in (64, 128, 256) for w in (4, 8)]

@@ -37,8 +37,8 @@ class KernelConfig:
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); trades spills for occupancy
     kind: str = "dot"  # "dot": dequantize then tl.dot; "scaled": dot on raw codes, scale per group;
     # "gemv": CUDA-core FMAs, one x row per program (for M = 1); the K tile is k_tile(bits);
-    # "hgemv": CUDA-core packed fp16 FMAs on pairs of codes, one x row per program (fp16 x, 2/3/4 bits; M = 1),
-    # flushed to float32 every block_k k (a multiple of k_tile(bits); 0: every K tile); num_stages 2: each K
+    # "hgemv": CUDA-core packed fp16 FMAs on pairs of codes, block_m (1, 2 or 4) x rows per program (fp16 x, 2/3/4
+    # bits; M <= 4), flushed to float32 every block_k k (a multiple of k_tile(bits); 0: every K tile); num_stages 2: each K
     # tile's words are loaded one tile ahead (a register double buffer; other values: not);
     # "wide": one tl.dot per block_k-step on a gathered code tile (mid M);
     # "dequant": dense dequantization to a temporary, then cuBLAS (large M)
@@ -100,6 +100,7 @@ HALF_DQ_MIN_TILES = 4
 # tensor-core kinds on 8B gate_up and the 70B layers (H100); narrower layers (N <= 6144) need more split-K and lose;
 # only at the swept group size of each width (HGEMV_GROUP)
 HGEMV_MIN_N = 8192
+HGEMV_ROWS = (1, 2, 4)  # rows of x an "hgemv" program may take (block_m; v13: each weight pair dequantized once)
 HGEMV_TILES = {2: 4, 3: 1, 4: 2}
 HGEMV_GROUP = {2: 64, 3: 128, 4: 128}
 
@@ -202,9 +203,9 @@ def save_table(table: dict[str, KernelConfig], path: str | os.PathLike) -> None:
 
 def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dtype) -> KernelConfig:
     """Make a config legal: "scaled" and half_dq need codes that fit their magic constant (bf16: < 128,
-    so not 8 bits); "gemv" has one row per program; tl.dot needs BLOCK_M >= 16; no more K splits than K
-    tiles (a table tuned on 128-k tiles may ask for more at 2 bits, whose tiles are 256 k); stream-K
-    only on dashq_linear_kernel's kinds, with split_k 1."""
+    so not 8 bits); "gemv" has one row per program, "hgemv" 1, 2 or 4 (the next of those up); tl.dot needs
+    BLOCK_M >= 16; no more K splits than K tiles (a table tuned on 128-k tiles may ask for more at 2 bits, whose
+    tiles are 256 k); stream-K only on dashq_linear_kernel's kinds, with split_k 1."""
     if cfg.kind == "scaled" and bits == 8 and dtype == torch.bfloat16:
         cfg = replace(cfg, kind="dot")
     if cfg.kind == "swap" and cfg.scaled and bits == 8 and dtype == torch.bfloat16:
@@ -216,8 +217,10 @@ def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dt
     if cfg.kind == "hgemv":
         tt = hgemv_tiles(k, bits, cfg.block_k // k_tile(bits))
         cfg = replace(cfg, block_k=tt * k_tile(bits), split_k=max(1, min(cfg.split_k, k // k_tile(bits) // tt)))
-    if cfg.kind in ("gemv", "hgemv") and cfg.block_m != 1:
+    if cfg.kind == "gemv" and cfg.block_m != 1:
         cfg = replace(cfg, block_m=1)
+    if cfg.kind == "hgemv" and cfg.block_m not in HGEMV_ROWS:  # rows of x per program: 1, 2 or 4
+        cfg = replace(cfg, block_m=next((r for r in HGEMV_ROWS if r >= cfg.block_m), HGEMV_ROWS[-1]))
     if cfg.kind not in ("gemv", "hgemv", "dequant") and cfg.block_m < 16:
         cfg = replace(cfg, block_m=16)
     if cfg.stream_k and cfg.kind in ("wide", "dequant", "hgemv"):  # stream-K is dashq_linear_kernel's schedule

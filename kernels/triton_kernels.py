@@ -473,11 +473,9 @@ def _h2_fma(a, b, c, PTX: tl.constexpr):
 
 
 @triton.jit
-def _h2_pair_fma(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, zs2, x2, acc, BITS: tl.constexpr,
-                 PTX: tl.constexpr):
-    """acc + (v S + (z - S)) x = acc + (q s + z) x for the pair of codes at bit SRC_BIT of both halves of src (at 3
-    bits their low two bits, the high bit being bit J of both halves of the 1-bit plane word h), all packed fp16
-    (int32 tensors)."""
+def _h2_pair_w(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, zs2, BITS: tl.constexpr, PTX: tl.constexpr):
+    """w = v S + (z - S) = q s + z for the pair of codes at bit SRC_BIT of both halves of src (at 3 bits their low
+    two bits, the high bit being bit J of both halves of the 1-bit plane word h), all packed fp16 (int32 tensors)."""
     W: tl.constexpr = 2 if BITS == 3 else BITS  # code bits in src
     TO: tl.constexpr = 10 - BITS  # the code's lowest bit in each half of v = 1 + q / 2^BITS
     D: tl.constexpr = TO - SRC_BIT  # shift left by D (right by -D)
@@ -488,20 +486,19 @@ def _h2_pair_fma(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, zs2, x2, ac
         DA: tl.constexpr = D if D > 0 else -D
         if BITS == 3:
             asm: tl.constexpr = ("{ .reg .b32 t, u; shf.r.wrap.b32 u, $2, $2, $4; lop3.b32 u, u, $6, $7, 0xea; "
-                                 + SHIFT + " t, $1, $3; lop3.b32 t, t, $5, u, 0xea; fma.rn.f16x2 t, t, $8, $9; "
-                                 "fma.rn.f16x2 $0, t, $10, $11; }")
+                                 + SHIFT + " t, $1, $3; lop3.b32 t, t, $5, u, 0xea; fma.rn.f16x2 $0, t, $8, $9; }")
             out = tl.inline_asm_elementwise(
-                asm, "=r,r,r,r,r,r,r,r,r,r,r,r",
+                asm, "=r,r,r,r,r,r,r,r,r,r",
                 [src, h, tl.full(src.shape, DA, tl.int32), tl.full(src.shape, ROT, tl.int32),
                  tl.full(src.shape, M2, tl.int32), tl.full(src.shape, 0x02000200, tl.int32),
-                 tl.full(src.shape, _ONE2, tl.int32), s2, zs2, x2, acc], dtype=tl.int32, is_pure=True, pack=1)
+                 tl.full(src.shape, _ONE2, tl.int32), s2, zs2], dtype=tl.int32, is_pure=True, pack=1)
         else:
             asm: tl.constexpr = ("{ .reg .b32 t; " + SHIFT + " t, $1, $2; lop3.b32 t, t, $3, $4, 0xea; "
-                                 "fma.rn.f16x2 t, t, $5, $6; fma.rn.f16x2 $0, t, $7, $8; }")
+                                 "fma.rn.f16x2 $0, t, $5, $6; }")
             out = tl.inline_asm_elementwise(
-                asm, "=r,r,r,r,r,r,r,r,r",
+                asm, "=r,r,r,r,r,r,r",
                 [src, tl.full(src.shape, DA, tl.int32), tl.full(src.shape, M2, tl.int32),
-                 tl.full(src.shape, _ONE2, tl.int32), s2, zs2, x2, acc], dtype=tl.int32, is_pure=True, pack=1)
+                 tl.full(src.shape, _ONE2, tl.int32), s2, zs2], dtype=tl.int32, is_pure=True, pack=1)
     else:
         if D > 0:
             v = src << D
@@ -514,7 +511,7 @@ def _h2_pair_fma(src, h, SRC_BIT: tl.constexpr, J: tl.constexpr, s2, zs2, x2, ac
             else:  # rotate right by ROT (a logical shift right, then the wrapped low bits)
                 rr = ((h >> ROT) & ((1 << (32 - ROT)) - 1)) | (h << (32 - ROT))
             v = v | (rr & 0x02000200)
-        out = _h2_fma(_h2_fma(v, s2, zs2, PTX), x2, acc, PTX)
+        out = _h2_fma(v, s2, zs2, PTX)
     return out
 
 
@@ -592,15 +589,35 @@ def _h2_flush(acc, accf):
     return accf + _h2_half(acc, False) + _h2_half(acc, True)
 
 
+@triton.jit
+def _hg_x2(xrow, offs_lo, HALF: tl.constexpr, KX, EVEN_K: tl.constexpr):
+    """x at k = offs_lo (low halves) and offs_lo + HALF (high) of one row, packed fp16 pairs (16, 1) (past KX: 0)."""
+    if EVEN_K:
+        x_lo = tl.load(xrow + offs_lo)
+        x_hi = tl.load(xrow + offs_lo + HALF)
+    else:
+        x_lo = tl.load(xrow + offs_lo, mask=offs_lo < KX, other=0.0)
+        x_hi = tl.load(xrow + offs_lo + HALF, mask=offs_lo + HALF < KX, other=0.0)
+    return _h2_pack(x_lo, x_hi)
+
+
+@triton.jit
+def _hg_store(accf, y_ptr, b_ptr, row, offs_n, M, N, stride_ym, split, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """One row's float32 (16, BLOCK_N) accumulator reduced over its rows and stored (rows past M: not)."""
+    _store_out(tl.sum(accf, axis=0)[None, :], y_ptr, b_ptr, tl.zeros((1,), tl.int32) + row, offs_n, M, N, stride_ym,
+               split, HAS_BIAS, ATOMIC)
+
+
 @triton.jit(do_not_specialize=["M", "SPLIT_K"])
 def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
                       BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, TT: tl.constexpr,
                       ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr, EVEN_K: tl.constexpr,
-                      KT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_N: tl.constexpr):
+                      KT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr):
     """y[M, N] (+)= x[M, :KX] @ W[:K, N], fp16 x, on the CUDA cores in packed fp16 (see the section comment).
     PREFETCH: each K tile's words are loaded one tile ahead (in registers), so a program keeps a load in flight
     while it computes.
-    grid = (M * N tiles, SPLIT_K): one row of x and BLOCK_N outputs per program (rows of one tile adjacent, so
+    grid = (cdiv(M, ROWS) * N tiles, SPLIT_K): ROWS rows of x (1, 2 or 4; each weight pair is dequantized once and
+    multiplied into every row's accumulator) and BLOCK_N outputs per program (row blocks of one tile adjacent, so
     they share its words in L2), SPLIT_K balanced ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC:
     partial sums are atomically added into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in
     float32/float64. EVEN_N: BLOCK_N divides N, so the word and group loads need no mask (the prefetch's still do:
@@ -612,24 +629,40 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     R2: tl.constexpr = _plane_rows(BITS, 2)  # 3 bits: word rows of a 2-bit block (constexprs outside the loops:
     R1: tl.constexpr = _plane_rows(BITS, 1)  # a static_range body may not redefine one) and of a 1-bit block
     RB: tl.constexpr = _plane_rows(BITS, BITS)  # 2/4 bits: word rows of a block
-    row = tl.program_id(0) % M
-    n0 = (tl.program_id(0) // M) * BLOCK_N
+    row_blocks = tl.cdiv(M, ROWS)
+    row0 = (tl.program_id(0) % row_blocks) * ROWS
+    n0 = (tl.program_id(0) // row_blocks) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     r16 = tl.arange(0, 16)[:, None]
-    xrow = x_ptr + row.to(tl.int64) * stride_xm
+    x0 = x_ptr + row0.to(tl.int64) * stride_xm
+    if ROWS >= 2:  # rows past M read row M - 1 (no mask) and are not stored
+        x1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm
+    if ROWS >= 4:
+        x2p = x_ptr + tl.minimum(row0 + 2, M - 1).to(tl.int64) * stride_xm
+        x3 = x_ptr + tl.minimum(row0 + 3, M - 1).to(tl.int64) * stride_xm
     supers = K // (KT * TT)  # the host makes TT divide K's tiles
     split = tl.program_id(1)
     st0 = supers * split // SPLIT_K  # balanced ranges: their lengths differ by at most one super tile
     st1 = supers * (split + 1) // SPLIT_K
-    accf = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    accf0 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    if ROWS >= 2:
+        accf1 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    if ROWS >= 4:
+        accf2 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        accf3 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     mask_w = mask_n[None, :]
     t_end = st1 * TT
     if PREFETCH:  # K tile t + 1's words are loaded before tile t is computed
         n_lo, n_hi, n_h = _hg_words(qw_ptr, st0 * TT, K, N, offs_n, tl.where(st0 < st1, mask_w, False), r16, BITS,
                                     R2, R1, RB, True)
     for st in range(st0, st1):
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)  # packed fp16 pairs (+0.0, +0.0)
+        acc0 = tl.zeros((16, BLOCK_N), dtype=tl.int32)  # packed fp16 pairs (+0.0, +0.0), one per row
+        if ROWS >= 2:
+            acc1 = tl.zeros((16, BLOCK_N), dtype=tl.int32)
+        if ROWS >= 4:
+            acc2 = tl.zeros((16, BLOCK_N), dtype=tl.int32)
+            acc3 = tl.zeros((16, BLOCK_N), dtype=tl.int32)
         for tt in tl.static_range(TT):
             t = st * TT + tt
             if PREFETCH:
@@ -659,22 +692,36 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
                     s2 = _h2_pack(s_lo, s_hi)[None, :]  # S = 2^BITS s, exact
                     zs2 = _h2_pack(z_lo - s_lo, z_hi - s_hi)[None, :]  # z - S, one rounding
                 offs_lo = k0 + 16 * j + r16
-                if EVEN_K:
-                    x_lo = tl.load(xrow + offs_lo)
-                    x_hi = tl.load(xrow + offs_lo + HALF)
-                else:
-                    x_lo = tl.load(xrow + offs_lo, mask=offs_lo < KX, other=0.0)
-                    x_hi = tl.load(xrow + offs_lo + HALF, mask=offs_lo + HALF < KX, other=0.0)
-                x2 = _h2_pack(x_lo, x_hi)
+                xa = _hg_x2(x0, offs_lo, HALF, KX, EVEN_K)
+                if ROWS >= 2:
+                    xb = _hg_x2(x1, offs_lo, HALF, KX, EVEN_K)
+                if ROWS >= 4:
+                    xc = _hg_x2(x2p, offs_lo, HALF, KX, EVEN_K)
+                    xd = _hg_x2(x3, offs_lo, HALF, KX, EVEN_K)
                 if BITS == 3:
                     src = ab_lo if j < 8 else ab_hi
-                    acc = _h2_pair_fma(src, h, 2 * (j % 8), j, s2, zs2, x2, acc, BITS, PTX)
+                    w = _h2_pair_w(src, h, 2 * (j % 8), j, s2, zs2, BITS, PTX)
                 else:
-                    acc = _h2_pair_fma(ab_lo, h, BITS * j, j, s2, zs2, x2, acc, BITS, PTX)
-        accf = _h2_flush(acc, accf)
-    out = tl.sum(accf, axis=0)[None, :]
-    _store_out(out, y_ptr, b_ptr, tl.zeros((1,), tl.int32) + row, offs_n, M, N, stride_ym, split, HAS_BIAS,
-               ATOMIC)  # the bias: split 0 only, even where its range is empty
+                    w = _h2_pair_w(ab_lo, h, BITS * j, j, s2, zs2, BITS, PTX)
+                acc0 = _h2_fma(w, xa, acc0, PTX)
+                if ROWS >= 2:
+                    acc1 = _h2_fma(w, xb, acc1, PTX)
+                if ROWS >= 4:
+                    acc2 = _h2_fma(w, xc, acc2, PTX)
+                    acc3 = _h2_fma(w, xd, acc3, PTX)
+        accf0 = _h2_flush(acc0, accf0)
+        if ROWS >= 2:
+            accf1 = _h2_flush(acc1, accf1)
+        if ROWS >= 4:
+            accf2 = _h2_flush(acc2, accf2)
+            accf3 = _h2_flush(acc3, accf3)
+    # the bias: split 0 only, even where its range is empty
+    _hg_store(accf0, y_ptr, b_ptr, row0, offs_n, M, N, stride_ym, split, HAS_BIAS, ATOMIC)
+    if ROWS >= 2:
+        _hg_store(accf1, y_ptr, b_ptr, row0 + 1, offs_n, M, N, stride_ym, split, HAS_BIAS, ATOMIC)
+    if ROWS >= 4:
+        _hg_store(accf2, y_ptr, b_ptr, row0 + 2, offs_n, M, N, stride_ym, split, HAS_BIAS, ATOMIC)
+        _hg_store(accf3, y_ptr, b_ptr, row0 + 3, offs_n, M, N, stride_ym, split, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -828,12 +875,12 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
     b = bias if bias is not None else y
     if cfg.kind == "hgemv":
         kernel = dashq_gemv_kernel
-        grid = (m * triton.cdiv(n, cfg.block_n), cfg.split_k, 1)
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k, 1)
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_N=cfg.block_n, TT=max(1, cfg.block_k // k_tile(bits)),
                     ATOMIC=cfg.atomic, HAS_BIAS=bias is not None,
                     PTX=_PTX_PLATFORM and not _INTERPRET and x2.is_cuda, EVEN_K=kx == k, KT=k_tile(bits),
-                    PREFETCH=cfg.num_stages == 2, EVEN_N=n % cfg.block_n == 0)
+                    PREFETCH=cfg.num_stages == 2, EVEN_N=n % cfg.block_n == 0, ROWS=cfg.block_m)
     elif cfg.kind == "wide":
         kernel = dashq_gemm_kernel
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0))

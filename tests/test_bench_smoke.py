@@ -456,6 +456,25 @@ def test_bench_kernels_sweep_bits():
     assert all(k % 256 == 0 for k, _, _ in B.SHAPES + B.SWEEP_EXTRA)  # no padding at any width (k_tile <= 256)
 
 
+def test_bench_kernels_check_plan_shapes(monkeypatch):
+    """The GPU check's plan: the "-even" variants run on CHECK_EVEN, where every variant's tile divides N and x is
+    exactly K wide (the unmasked hgemv loads and packed group rows, v13), everything else on the uneven default
+    shape; every variant is in the plan for 2-4 bits at groups 64/128."""
+    from dashq_vllm.benchmarks import bench_kernels as B
+    from dashq_vllm.kernels.configs import KernelConfig
+
+    monkeypatch.setattr(B.K.configs, "pick_config", lambda *a, **k: KernelConfig(16, 64))
+    plan = list(B.check_plan(bits_list=(2, 3, 4)))
+    even = [(name, cfg, n, kx) for *_, cases in plan for name, _, cfg, n, kx in cases if name.endswith("-even")]
+    assert {name for name, *_ in even} == {name for name in B.VARIANTS if name.endswith("-even")} and even
+    for name, cfg, n, kx in even:
+        assert (n, kx) == B.CHECK_EVEN and n % cfg.block_n == 0 and kx == B.CHECK_K, name
+    for *_, cases in plan:
+        for name, _, _, n, kx in cases:
+            assert name.endswith("-even") or (n, kx) == (B.CHECK_N, B.CHECK_KX), name
+    assert B.CHECK_N % 64 and B.CHECK_KX % 16  # the default shape keeps the masked paths
+
+
 def _llama_like_config(path: Path, bits_of=lambda layer, leaf: 2, group: int = 64) -> Path:
     """dashq_config.json alone for a 2-layer Llama-3-8B-shaped model (what --sweep-from reads)."""
     from dashq_vllm import format as fmt

@@ -261,7 +261,7 @@ def test_hgemv_compiles_to_packed_half_fmas(bits, group, tt):
     word_loads = {}
     for prefetch in (False, True):
         consts = dict(BITS=bits, GROUP=group, BLOCK_N=64, TT=tt, ATOMIC=True, HAS_BIAS=False, PTX=True,
-                      EVEN_K=True, KT=K.k_tile(bits), PREFETCH=prefetch, EVEN_N=True)
+                      EVEN_K=True, KT=K.k_tile(bits), PREFETCH=prefetch, EVEN_N=True, ROWS=1)
         ptx = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, consts).asm["ptx"]
         # a thread of 4 warps owns 8 of the (16, 64) accumulator's packed pairs; each takes two packed FMAs
         # (v S - S, then x + acc) in each of a K tile's KT / 32 pair slots, TT tiles per flush (all unrolled)
@@ -381,8 +381,10 @@ def test_committed_tuned_tables_load(path, monkeypatch):
         assert cfg.block_n in (32, 64, 128, 256) and cfg.split_k >= 1 and cfg.num_warps in (1, 2, 4, 8, 16)
         if bucket <= C.DECODE_MAX_M:
             assert cfg.kind in ("dot", "scaled", "gemv", "hgemv"), (key, cfg)
-        if cfg.kind in ("gemv", "hgemv"):
+        if cfg.kind == "gemv":
             assert bucket == 1, (key, cfg)  # one row per program: M = 1 only
+        if cfg.kind == "hgemv":  # 1, 2 or 4 rows per program, up to M = 4
+            assert bucket <= 4 and cfg.block_m in C.HGEMV_ROWS, (key, cfg)
         if cfg.kind == "hgemv":  # whole K tiles per flush; 2-4 bits (packed fp16 math)
             assert bits in (2, 3, 4) and cfg.block_k % K.k_tile(bits) == 0 and fitted.block_k == cfg.block_k, key
 

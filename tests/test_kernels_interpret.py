@@ -92,6 +92,11 @@ else:
         "hgemv-tt2": (1, lambda dt: KernelConfig(1, 32, kind="hgemv", block_k=1024)),
         "hgemv-prefetch": (2, lambda dt: KernelConfig(1, 32, split_k=_split(dt), kind="hgemv", num_stages=2)),
         "hgemv-prefetch-tt2": (1, lambda dt: KernelConfig(1, 32, kind="hgemv", block_k=1024, num_stages=2)),
+        # several rows of x per program (each weight pair dequantized once): two rows in one program, and
+        # five rows in two programs of four (the second reads row 4 for its three rows past M, stores none)
+        "hgemv-rows2": (2, lambda dt: KernelConfig(2, 32, split_k=_split(dt), kind="hgemv")),
+        "hgemv-rows4": (5, lambda dt: KernelConfig(4, 32, split_k=_split(dt), kind="hgemv", block_k=1024,
+                                                   num_stages=2)),
     }
 
     def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
