@@ -880,7 +880,9 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_N=cfg.block_n, TT=max(1, cfg.block_k // k_tile(bits)),
                     ATOMIC=cfg.atomic, HAS_BIAS=bias is not None,
                     PTX=_PTX_PLATFORM and not _INTERPRET and x2.is_cuda, EVEN_K=kx == k, KT=k_tile(bits),
-                    PREFETCH=cfg.num_stages == 2, EVEN_N=n % cfg.block_n == 0, ROWS=cfg.block_m)
+                    PREFETCH=cfg.num_stages == 2, ROWS=cfg.block_m,
+                    # whole tiles, and fp16 group rows (read as packed pairs; other dtypes are converted)
+                    EVEN_N=n % cfg.block_n == 0 and scales.dtype == szeros.dtype == torch.float16)
     elif cfg.kind == "wide":
         kernel = dashq_gemm_kernel
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0))
