@@ -129,6 +129,12 @@ def swap_stages(bits: int, block_m: int) -> int:
     return stages
 
 
+def hgemv_enabled() -> bool:
+    """DASHQ_HGEMV=0 keeps the packed-fp16 GEMV out of every pick (heuristic and tables): an escape hatch while a
+    GPU has not checked its latest form (KERNELS.md v13). Read when a shape is first picked (picks are memoised)."""
+    return os.environ.get("DASHQ_HGEMV", "1") != "0"
+
+
 def hgemv_tiles(k: int, bits: int, want: int) -> int:
     """K tiles per flush of an "hgemv" config: the largest divisor of K's tile count up to ``want`` (at least 1)."""
     tt = max(1, want)
@@ -156,7 +162,7 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
     if m <= DECODE_MAX_M:
         tile = k_tile(bits)
         if m == 1 and dtype == torch.float16 and HGEMV_GROUP.get(bits) == group and n >= HGEMV_MIN_N \
-                and block_n is None:
+                and block_n is None and hgemv_enabled():
             tiles = hgemv_tiles(k, bits, HGEMV_TILES[bits])
             split = _split_k(-(-n // 64), k, tile * tiles, sms, tile * tiles)
             return KernelConfig(1, 64, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="hgemv",
@@ -262,6 +268,6 @@ def _pick(m: int, n: int, k: int, bits: int, group: int, device: torch.device, d
     else:
         name, sms = "cpu", 132
     tuned = load_table(name).get(config_key(bits, group, m, n, k))
-    if tuned is not None and tuned.kind == "hgemv" and dtype != torch.float16:  # tables are swept with fp16 x
-        tuned = None
+    if tuned is not None and tuned.kind == "hgemv" and (dtype != torch.float16 or not hgemv_enabled()):
+        tuned = None  # tables are swept with fp16 x
     return tuned if tuned is not None else heuristic_config(m, n, k, bits, group, sms, dtype=dtype)

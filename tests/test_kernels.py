@@ -502,6 +502,10 @@ def test_hgemv_table_entries_serve_fp16_only(monkeypatch):
         assert bf == C.fit_config(C.heuristic_config(1, n, k, bits, group, 132, dtype=torch.bfloat16), k, group,
                                   bits, torch.bfloat16)
         assert bf.kind == "scaled", bf
+        monkeypatch.setenv("DASHQ_HGEMV", "0")  # the escape hatch: neither the table's entry nor the heuristic's
+        C._PICKED.clear()
+        off = C.pick_config(1, n, k, bits, group, cpu, torch.float16)
+        assert off.kind != "hgemv" and off.kind == C.heuristic_config(1, n, k, bits, group, 132).kind, off
     finally:
         C._PICKED.clear()
 
