@@ -38,8 +38,8 @@ class KernelConfig:
     kind: str = "dot"  # "dot": dequantize then tl.dot; "scaled": dot on raw codes, scale per group;
     # "gemv": CUDA-core FMAs, one x row per program (for M = 1); the K tile is k_tile(bits);
     # "hgemv": CUDA-core packed fp16 FMAs on pairs of codes, block_m (1, 2 or 4) x rows per program (fp16 x, 2/3/4
-    # bits; M <= 4), flushed to float32 every block_k k (a multiple of k_tile(bits); 0: every K tile); num_stages 2: each K
-    # tile's words are loaded one tile ahead (a register double buffer; other values: not);
+    # bits; M <= 4), flushed to float32 every block_k k (a multiple of k_tile(bits); 0: every K tile); num_stages 2:
+    # each K tile's words are loaded one tile ahead (a register double buffer; other values: not);
     # "wide": one tl.dot per block_k-step on a gathered code tile (mid M);
     # "dequant": dense dequantization to a temporary, then cuBLAS (large M)
     # "swap": y^T = W^T x^T, the unpacked weight tile as the dot's first operand (wgmma's register A on

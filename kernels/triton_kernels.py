@@ -620,8 +620,9 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     multiplied into every row's accumulator) and BLOCK_N outputs per program (row blocks of one tile adjacent, so
     they share its words in L2), SPLIT_K balanced ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC:
     partial sums are atomically added into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in
-    float32/float64. EVEN_N: BLOCK_N divides N, so the word and group loads need no mask (the prefetch's still do:
-    it masks the tile past a program's range)."""
+    float32/float64. EVEN_N: BLOCK_N divides N and the group rows are fp16 (launch() sets it only then), so the word
+    and group loads need no mask (the prefetch's still do: it masks the tile past a program's range) and the group
+    rows are read as packed column pairs (_hg_group_pairs)."""
     NP: tl.constexpr = KT // 32  # pairs per word row and K tile: slots j and j + NP (3 bits: of both 2-bit blocks)
     HALF: tl.constexpr = KT // 2  # k between the two halves of a pair
     CPG: tl.constexpr = GROUP // 16  # slots per group
