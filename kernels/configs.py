@@ -95,13 +95,17 @@ LOW_BIT_MIN_K = 512
 # K tiles per 2/3-bit decode program of the fp16-dequantizing "dot" kind (v11 H200 sweep, KERNELS.md v11: the
 # measured-best split or within 12% of it on every 8B/70B layer at M = 1, 2% on average)
 HALF_DQ_MIN_TILES = 4
-# the packed-fp16 GEMV ("hgemv", fp16 x, M = 1; KERNELS.md v12) on layers at least this wide, 64-wide tiles of
-# 4 warps, HGEMV_TILES[bits] K tiles per flush, split-K to ~4 programs per SM: 1.01-1.25x faster than the
-# tensor-core kinds on 8B gate_up and the 70B layers (H100); narrower layers (N <= 6144) need more split-K and lose;
-# only at the swept group size of each width (HGEMV_GROUP)
+# the packed-fp16 GEMV ("hgemv", fp16 x, M = 1; KERNELS.md v12, v13) on layers at least this wide, 64-wide tiles
+# of 4 warps, HGEMV_TILES[bits] K tiles per flush (512 k at 2/4 bits, 2048 at 3), the words prefetched one K tile
+# ahead at HGEMV_PREFETCH widths, split-K to ~4 programs per SM: faster than the tensor-core kinds on 8B gate_up
+# and the 70B layers (H100); narrower layers (N <= 6144) need more split-K and lose; only at the swept group size
+# of each width (HGEMV_GROUP). v13 H100 sweep: within 3.5% / 4.6% / 6.3% (geometric mean; at most 7 / 11 / 15%)
+# of the best swept hgemv config at 4 / 3 / 2 bits on those layers (v12's 2 / 1 / 4 tiles, no prefetch: up to
+# 14 / 24 / 43% slower)
 HGEMV_MIN_N = 8192
 HGEMV_ROWS = (1, 2, 4)  # rows of x an "hgemv" program may take (block_m; v13: each weight pair dequantized once)
-HGEMV_TILES = {2: 4, 3: 1, 4: 2}
+HGEMV_TILES = {2: 2, 3: 4, 4: 4}
+HGEMV_PREFETCH = (3,)
 HGEMV_GROUP = {2: 64, 3: 128, 4: 128}
 
 
@@ -165,8 +169,8 @@ def heuristic_config(m: int, n: int, k: int, bits: int, group: int, sms: int = 1
                 and block_n is None and hgemv_enabled():
             tiles = hgemv_tiles(k, bits, HGEMV_TILES[bits])
             split = _split_k(-(-n // 64), k, tile * tiles, sms, tile * tiles)
-            return KernelConfig(1, 64, split_k=split, group_m=1, num_warps=4, num_stages=3, kind="hgemv",
-                                block_k=tiles * tile)
+            return KernelConfig(1, 64, split_k=split, group_m=1, num_warps=4,
+                                num_stages=2 if bits in HGEMV_PREFETCH else 3, kind="hgemv", block_k=tiles * tile)
         if bits in (2, 3) and group >= 64:
             bn = block_n or 64
             split = _split_k(-(-n // bn), k, tile, sms, HALF_DQ_MIN_TILES * tile)
