@@ -122,6 +122,7 @@ LOG_PATH = None
 REFINE = False  # --refine: decode sweeps try register caps around the committed picks
 WIDE_ONLY = False  # --wide: GEMM sweeps time the "wide" kernel against dequant + cuBLAS
 SWEEP_KINDS = frozenset()  # --sweep-kinds: decode sweeps time only these kinds (and the committed pick)
+HGEMV_COLS = os.environ.get("DECODE_HGEMV_COLS", "1") != "0"  # hgemv sweeps try two column blocks per program
 
 
 def log(*args):
@@ -296,6 +297,11 @@ VARIANTS = {  # every kernel kind, each on the M it is meant for
     "hgemv-prefetch-even": (1, KernelConfig(1, 64, split_k=2, kind="hgemv", block_k=1024, num_stages=2)),
     "hgemv-rows2-even": (2, KernelConfig(2, 64, split_k=4, kind="hgemv", block_k=512)),
     "hgemv-rows4-m3-even": (3, KernelConfig(4, 128, split_k=2, kind="hgemv", block_k=512, num_stages=2)),
+    # v14: two column blocks per program (cols 2), on CHECK_N (the last program's second block past N) and even
+    "hgemv-cols2": (2, KernelConfig(1, 64, split_k=2, kind="hgemv", block_k=512, cols=2)),
+    "hgemv-cols2-even": (1, KernelConfig(1, 64, split_k=4, kind="hgemv", block_k=512, cols=2)),
+    "hgemv-cols2-prefetch-even": (1, KernelConfig(1, 64, split_k=2, kind="hgemv", block_k=1024, num_stages=2,
+                                                  cols=2)),
 }
 
 
@@ -651,22 +657,25 @@ def decode_candidate(kind, block_n, warps, **fields):
 def hgemv_candidates(m, n, k, bits, group, sms):
     """The packed-fp16 GEMV (M <= 4): tile widths and warps, 1/2/4 K tiles per flush, split-K to ~2/4/8 programs per
     SM (at most one per super tile), with and without the one-tile prefetch (num_stages 3 / 2); at M = 2 / 4 the
-    rows per program (M, or half of M: twice the programs) on 64/128-wide tiles of 4 warps."""
+    rows per program (M, or half of M: twice the programs) on 64/128-wide tiles of 4 warps; at M = 1 and 2/4 bits
+    also two column blocks per program (HGEMV_COLS: DECODE_HGEMV_COLS=0 leaves them out)."""
     tile = K.k_tile(bits)
     rows_list = (1,) if m == 1 else (m, m // 2)
-    widths = ((64, 4), (128, 4), (128, 8), (256, 8)) if m == 1 else ((64, 4), (128, 4))
+    widths = ((64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 8, 1)) if m == 1 else ((64, 4, 1), (128, 4, 1))
+    if m == 1 and bits != 3 and HGEMV_COLS:  # v14: two column blocks per program (3 bits: spills)
+        widths += ((64, 4, 2), (64, 8, 2), (128, 8, 2))
     for rows in rows_list:
-        for bn, warps in widths:
+        for bn, warps, cols in widths:
             for tt in (1, 2, 4):
                 supers = k // tile // tt
                 if supers == 0 or (k // tile) % tt:
                     continue
-                programs = -(-n // bn) * (m // rows)
+                programs = -(-n // (bn * cols)) * (m // rows)
                 splits = {min(supers, max(1, 2 ** round(math.log2(per_sm * sms / programs)))) for per_sm in (2, 4, 8)}
                 for sk in sorted(splits):
                     for stages in (3, 2):  # without / with the one-tile prefetch
                         yield KernelConfig(rows, bn, split_k=sk, group_m=1, num_warps=warps, num_stages=stages,
-                                           kind="hgemv", block_k=tt * tile)
+                                           kind="hgemv", block_k=tt * tile, cols=cols)
 
 
 def sweep_candidates(m, n, k, bits, group, sms):

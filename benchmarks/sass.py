@@ -1,7 +1,7 @@
 """The kernels compiled ahead of time for sm_90 on this machine (Triton's bundled ptxas and nvdisasm; no GPU),
 and the instruction mix of a kernel's K loop: the "compiled first" numbers of KERNELS.md.
 
-    python -m dashq_vllm.benchmarks.sass 4:128:2 2:64:4 3:128:1 4:128:2:pf   # BITS:GROUP:TT[:pf][:bnN][:wN][:rN]
+    python -m dashq_vllm.benchmarks.sass 4:128:2 2:64:4 3:128:1 4:128:2:pf   # BITS:GROUP:TT[:pf][:bnN][:wN][:rN][:cN]
 
 prints, per hgemv config (fp16 x, 64 wide, 4 warps, one row of x unless bnN / wN / rN say otherwise; pf: the
 one-tile prefetch), the K loop's SASS instructions, their count per weight x row product a thread computes in one
@@ -44,12 +44,14 @@ def compile_sm90(fn, dtype, consts: dict, num_warps: int = 4, num_stages: int = 
                           options={"num_warps": num_warps, "num_stages": num_stages, **FP_FUSION})
 
 
-def hgemv_consts(bits: int, group: int, tt: int, block_n: int = 64, prefetch: bool = False, rows: int = 1) -> dict:
-    """The constexprs of an hgemv launch (rows of x per program) on an fp16 layer whose N and K the tile divides."""
+def hgemv_consts(bits: int, group: int, tt: int, block_n: int = 64, prefetch: bool = False, rows: int = 1,
+                 cols: int = 1) -> dict:
+    """The constexprs of an hgemv launch (rows of x and column blocks per program) on an fp16 layer whose N and K
+    the tile divides."""
     from dashq_vllm.kernels.layout import k_tile
 
     return dict(BITS=bits, GROUP=group, BLOCK_N=block_n, TT=tt, ATOMIC=True, HAS_BIAS=False, PTX=True,
-                EVEN_K=True, KT=k_tile(bits), PREFETCH=prefetch, EVEN_N=True, ROWS=rows)
+                EVEN_K=True, KT=k_tile(bits), PREFETCH=prefetch, EVEN_N=True, ROWS=rows, COLS=cols)
 
 
 def nvdisasm_path() -> str:
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
     from dashq_vllm.kernels.triton_kernels import dashq_gemv_kernel
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("configs", nargs="+", help="BITS:GROUP:TT[:pf][:bnN][:wN][:rN]")
+    ap.add_argument("configs", nargs="+", help="BITS:GROUP:TT[:pf][:bnN][:wN][:rN][:cN]")
     args = ap.parse_args(argv)
     for spec in args.configs:
         bits, group, tt, *rest = spec.split(":")
@@ -97,11 +99,12 @@ def main(argv=None) -> int:
         block_n = next((int(r[2:]) for r in rest if r.startswith("bn")), 64)
         warps = next((int(r[1:]) for r in rest if r.startswith("w")), 4)
         rows = next((int(r[1:]) for r in rest if r.startswith("r")), 1)
+        cols = next((int(r[1:]) for r in rest if r.startswith("c")), 1)
         compiled = compile_sm90(dashq_gemv_kernel, torch.float16,
-                                hgemv_consts(bits, group, tt, block_n, "pf" in rest, rows), num_warps=warps)
+                                hgemv_consts(bits, group, tt, block_n, "pf" in rest, rows, cols), num_warps=warps)
         hist = loop_histogram(disassemble(compiled.asm["cubin"]))
         n = sum(hist.values())
-        weights = rows * tt * k_tile(bits) * block_n / (32 * warps)  # weight x row products per thread and iteration
+        weights = rows * cols * tt * k_tile(bits) * block_n / (32 * warps)  # weight x row products per thread and iteration
         top = " ".join(f"{op} {c}" for op, c in hist.most_common(10))
         print(f"hgemv {spec:16s} loop {n:5d} instructions, {n / weights:.2f} per weight; {top}")
     return 0

@@ -53,6 +53,8 @@ class KernelConfig:
     # A sweep candidate and check variant; no table entry or heuristic uses it yet (KERNELS.md v11)
     nk: bool = False  # "dequant": write the dense weight as (N, K), F.linear's layout, instead of (K, N) (cuBLAS
     # is 1.5-1.6x faster that way on gate_up shapes at M = 128 on an H200; results/cublas_layout_h200.json)
+    cols: int = 1  # "hgemv" with block_m 1: adjacent column blocks of block_n per program (1 or 2; with 2 each x
+    # pair is multiplied into both, halving x loads per weight; KERNELS.md v14)
 
     @property
     def atomic(self) -> bool:
@@ -215,7 +217,8 @@ def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dt
     """Make a config legal: "scaled" and half_dq need codes that fit their magic constant (bf16: < 128,
     so not 8 bits); "gemv" has one row per program, "hgemv" 1, 2 or 4 (the next of those up); tl.dot needs
     BLOCK_M >= 16; no more K splits than K tiles (a table tuned on 128-k tiles may ask for more at 2 bits, whose
-    tiles are 256 k); stream-K only on dashq_linear_kernel's kinds, with split_k 1."""
+    tiles are 256 k); stream-K only on dashq_linear_kernel's kinds, with split_k 1; two column blocks (cols 2) only
+    on "hgemv" with one row per program."""
     if cfg.kind == "scaled" and bits == 8 and dtype == torch.bfloat16:
         cfg = replace(cfg, kind="dot")
     if cfg.kind == "swap" and cfg.scaled and bits == 8 and dtype == torch.bfloat16:
@@ -231,6 +234,8 @@ def fit_config(cfg: KernelConfig, k: int, group: int, bits: int, dtype: torch.dt
         cfg = replace(cfg, block_m=1)
     if cfg.kind == "hgemv" and cfg.block_m not in HGEMV_ROWS:  # rows of x per program: 1, 2 or 4
         cfg = replace(cfg, block_m=next((r for r in HGEMV_ROWS if r >= cfg.block_m), HGEMV_ROWS[-1]))
+    if cfg.cols != 1 and (cfg.kind != "hgemv" or cfg.block_m != 1 or cfg.cols != 2):  # 2 column blocks: 1 row only
+        cfg = replace(cfg, cols=1)
     if cfg.kind not in ("gemv", "hgemv", "dequant") and cfg.block_m < 16:
         cfg = replace(cfg, block_m=16)
     if cfg.stream_k and cfg.kind in ("wide", "dequant", "hgemv"):  # stream-K is dashq_linear_kernel's schedule

@@ -584,6 +584,31 @@ def _hg_group_pairs(s_ptr, z_ptr, g_lo, g_hi, N, n0, BLOCK_N: tl.constexpr, BITS
 
 
 @triton.jit
+def _hg_groups(s_ptr, z_ptr, k_lo, HALF: tl.constexpr, N, n0, offs_n, mask_n, GROUP: tl.constexpr, KT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BITS: tl.constexpr, EVEN_N: tl.constexpr, PTX: tl.constexpr):
+    """(S, z - S) of the groups of k_lo (low halves) and k_lo + HALF (high) for the columns offs_n = n0 + [0,
+    BLOCK_N), packed fp16 pairs (1, BLOCK_N): EVEN_N from packed column pairs (_hg_group_pairs), else converted."""
+    if EVEN_N:
+        s2, zs2 = _hg_group_pairs(s_ptr, z_ptr, k_lo // GROUP, (k_lo + HALF) // GROUP, N, n0, BLOCK_N, BITS,
+                                  GROUP >= KT, PTX)
+    else:
+        SCALE: tl.constexpr = 1 << BITS
+        g_lo = k_lo // GROUP
+        s_lo = _hg_load(s_ptr + g_lo * N + offs_n, mask_n, True).to(tl.float16) * SCALE
+        z_lo = _hg_load(z_ptr + g_lo * N + offs_n, mask_n, True).to(tl.float16)
+        if GROUP >= KT:  # both halves in one group (4 bits, g128)
+            s_hi = s_lo
+            z_hi = z_lo
+        else:
+            g_hi = (k_lo + HALF) // GROUP
+            s_hi = _hg_load(s_ptr + g_hi * N + offs_n, mask_n, True).to(tl.float16) * SCALE
+            z_hi = _hg_load(z_ptr + g_hi * N + offs_n, mask_n, True).to(tl.float16)
+        s2 = _h2_pack(s_lo, s_hi)  # S = 2^BITS s, exact
+        zs2 = _h2_pack(z_lo - s_lo, z_hi - s_hi)  # z - S, one rounding
+    return s2[None, :], zs2[None, :]
+
+
+@triton.jit
 def _h2_flush(acc, accf):
     """accf + both halves of the packed fp16 accumulator, in float32."""
     return accf + _h2_half(acc, False) + _h2_half(acc, True)
@@ -612,13 +637,15 @@ def _hg_store(accf, y_ptr, b_ptr, row, offs_n, M, N, stride_ym, split, HAS_BIAS:
 def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, stride_xm, stride_ym, SPLIT_K,
                       BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, TT: tl.constexpr,
                       ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr, EVEN_K: tl.constexpr,
-                      KT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr):
+                      KT: tl.constexpr, PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr,
+                      COLS: tl.constexpr):
     """y[M, N] (+)= x[M, :KX] @ W[:K, N], fp16 x, on the CUDA cores in packed fp16 (see the section comment).
     PREFETCH: each K tile's words are loaded one tile ahead (in registers), so a program keeps a load in flight
     while it computes.
     grid = (cdiv(M, ROWS) * N tiles, SPLIT_K): ROWS rows of x (1, 2 or 4; each weight pair is dequantized once and
-    multiplied into every row's accumulator) and BLOCK_N outputs per program (row blocks of one tile adjacent, so
-    they share its words in L2), SPLIT_K balanced ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC:
+    multiplied into every row's accumulator) and COLS * BLOCK_N outputs per program (row blocks of one tile
+    adjacent, so they share its words in L2; COLS = 2 with ROWS = 1 only: two adjacent column blocks, each pair of
+    x multiplied into both, so a thread loads each x pair for twice as many weights), SPLIT_K balanced ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC:
     partial sums are atomically added into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in
     float32/float64. EVEN_N: BLOCK_N divides N and the group rows are fp16 (launch() sets it only then), so the word
     and group loads need no mask (the prefetch's still do: it masks the tile past a program's range) and the group
@@ -626,15 +653,17 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     NP: tl.constexpr = KT // 32  # pairs per word row and K tile: slots j and j + NP (3 bits: of both 2-bit blocks)
     HALF: tl.constexpr = KT // 2  # k between the two halves of a pair
     CPG: tl.constexpr = GROUP // 16  # slots per group
-    SCALE: tl.constexpr = 1 << BITS
     R2: tl.constexpr = _plane_rows(BITS, 2)  # 3 bits: word rows of a 2-bit block (constexprs outside the loops:
     R1: tl.constexpr = _plane_rows(BITS, 1)  # a static_range body may not redefine one) and of a 1-bit block
     RB: tl.constexpr = _plane_rows(BITS, BITS)  # 2/4 bits: word rows of a block
     row_blocks = tl.cdiv(M, ROWS)
     row0 = (tl.program_id(0) % row_blocks) * ROWS
-    n0 = (tl.program_id(0) // row_blocks) * BLOCK_N
+    n0 = (tl.program_id(0) // row_blocks) * (BLOCK_N * COLS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if COLS == 2:  # the second column block
+        offs_nb = offs_n + BLOCK_N
+        mask_nb = offs_nb < N
     r16 = tl.arange(0, 16)[:, None]
     x0 = x_ptr + row0.to(tl.int64) * stride_xm
     if ROWS >= 2:  # rows past M read row M - 1 (no mask) and are not stored
@@ -647,18 +676,27 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     st0 = supers * split // SPLIT_K  # balanced ranges: their lengths differ by at most one super tile
     st1 = supers * (split + 1) // SPLIT_K
     accf0 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    if COLS == 2:
+        accf0b = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     if ROWS >= 2:
         accf1 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     if ROWS >= 4:
         accf2 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         accf3 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     mask_w = mask_n[None, :]
+    if COLS == 2:
+        mask_wb = mask_nb[None, :]
     t_end = st1 * TT
     if PREFETCH:  # K tile t + 1's words are loaded before tile t is computed
         n_lo, n_hi, n_h = _hg_words(qw_ptr, st0 * TT, K, N, offs_n, tl.where(st0 < st1, mask_w, False), r16, BITS,
                                     R2, R1, RB, True)
+        if COLS == 2:
+            nb_lo, nb_hi, nb_h = _hg_words(qw_ptr, st0 * TT, K, N, offs_nb, tl.where(st0 < st1, mask_wb, False), r16,
+                                           BITS, R2, R1, RB, True)
     for st in range(st0, st1):
         acc0 = tl.zeros((16, BLOCK_N), dtype=tl.int32)  # packed fp16 pairs (+0.0, +0.0), one per row
+        if COLS == 2:
+            acc0b = tl.zeros((16, BLOCK_N), dtype=tl.int32)
         if ROWS >= 2:
             acc1 = tl.zeros((16, BLOCK_N), dtype=tl.int32)
         if ROWS >= 4:
@@ -670,28 +708,23 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
                 ab_lo, ab_hi, h = n_lo, n_hi, n_h
                 live = tl.where(t + 1 < t_end, mask_w, False)  # nothing past the program's range
                 n_lo, n_hi, n_h = _hg_words(qw_ptr, t + 1, K, N, offs_n, live, r16, BITS, R2, R1, RB, True)
+                if COLS == 2:
+                    bb_lo, bb_hi, hb = nb_lo, nb_hi, nb_h
+                    nb_lo, nb_hi, nb_h = _hg_words(qw_ptr, t + 1, K, N, offs_nb, tl.where(t + 1 < t_end, mask_wb,
+                                                   False), r16, BITS, R2, R1, RB, True)
             else:
                 ab_lo, ab_hi, h = _hg_words(qw_ptr, t, K, N, offs_n, mask_w, r16, BITS, R2, R1, RB, not EVEN_N)
+                if COLS == 2:
+                    bb_lo, bb_hi, hb = _hg_words(qw_ptr, t, K, N, offs_nb, mask_wb, r16, BITS, R2, R1, RB,
+                                                 not EVEN_N)
             k0 = t * KT
             for j in tl.static_range(NP):
-                if j % CPG == 0 and EVEN_N:  # a new pair of groups: slot j's (low halves) and slot j + NP's (high)
-                    s2, zs2 = _hg_group_pairs(s_ptr, z_ptr, (k0 + 16 * j) // GROUP, (k0 + 16 * j + HALF) // GROUP, N,
-                                              n0, BLOCK_N, BITS, GROUP >= KT, PTX)
-                    s2 = s2[None, :]
-                    zs2 = zs2[None, :]
-                elif j % CPG == 0:
-                    g_lo = (k0 + 16 * j) // GROUP
-                    s_lo = _hg_load(s_ptr + g_lo * N + offs_n, mask_n, not EVEN_N).to(tl.float16) * SCALE
-                    z_lo = _hg_load(z_ptr + g_lo * N + offs_n, mask_n, not EVEN_N).to(tl.float16)
-                    if GROUP >= KT:  # both halves in one group (4 bits, g128)
-                        s_hi = s_lo
-                        z_hi = z_lo
-                    else:
-                        g_hi = (k0 + 16 * j + HALF) // GROUP
-                        s_hi = _hg_load(s_ptr + g_hi * N + offs_n, mask_n, not EVEN_N).to(tl.float16) * SCALE
-                        z_hi = _hg_load(z_ptr + g_hi * N + offs_n, mask_n, not EVEN_N).to(tl.float16)
-                    s2 = _h2_pack(s_lo, s_hi)[None, :]  # S = 2^BITS s, exact
-                    zs2 = _h2_pack(z_lo - s_lo, z_hi - s_hi)[None, :]  # z - S, one rounding
+                if j % CPG == 0:  # a new pair of groups: slot j's (low halves) and slot j + NP's (high)
+                    s2, zs2 = _hg_groups(s_ptr, z_ptr, k0 + 16 * j, HALF, N, n0, offs_n, mask_n, GROUP, KT, BLOCK_N,
+                                         BITS, EVEN_N, PTX)
+                    if COLS == 2:
+                        s2b, zs2b = _hg_groups(s_ptr, z_ptr, k0 + 16 * j, HALF, N, n0 + BLOCK_N, offs_nb, mask_nb,
+                                               GROUP, KT, BLOCK_N, BITS, EVEN_N, PTX)
                 offs_lo = k0 + 16 * j + r16
                 xa = _hg_x2(x0, offs_lo, HALF, KX, EVEN_K)
                 if ROWS >= 2:
@@ -700,17 +733,24 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
                     xc = _hg_x2(x2p, offs_lo, HALF, KX, EVEN_K)
                     xd = _hg_x2(x3, offs_lo, HALF, KX, EVEN_K)
                 if BITS == 3:
-                    src = ab_lo if j < 8 else ab_hi
-                    w = _h2_pair_w(src, h, 2 * (j % 8), j, s2, zs2, BITS, PTX)
+                    w = _h2_pair_w(ab_lo if j < 8 else ab_hi, h, 2 * (j % 8), j, s2, zs2, BITS, PTX)
+                    if COLS == 2:
+                        wb = _h2_pair_w(bb_lo if j < 8 else bb_hi, hb, 2 * (j % 8), j, s2b, zs2b, BITS, PTX)
                 else:
                     w = _h2_pair_w(ab_lo, h, BITS * j, j, s2, zs2, BITS, PTX)
+                    if COLS == 2:
+                        wb = _h2_pair_w(bb_lo, hb, BITS * j, j, s2b, zs2b, BITS, PTX)
                 acc0 = _h2_fma(w, xa, acc0, PTX)
+                if COLS == 2:
+                    acc0b = _h2_fma(wb, xa, acc0b, PTX)
                 if ROWS >= 2:
                     acc1 = _h2_fma(w, xb, acc1, PTX)
                 if ROWS >= 4:
                     acc2 = _h2_fma(w, xc, acc2, PTX)
                     acc3 = _h2_fma(w, xd, acc3, PTX)
         accf0 = _h2_flush(acc0, accf0)
+        if COLS == 2:
+            accf0b = _h2_flush(acc0b, accf0b)
         if ROWS >= 2:
             accf1 = _h2_flush(acc1, accf1)
         if ROWS >= 4:
@@ -718,6 +758,8 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
             accf3 = _h2_flush(acc3, accf3)
     # the bias: split 0 only, even where its range is empty
     _hg_store(accf0, y_ptr, b_ptr, row0, offs_n, M, N, stride_ym, split, HAS_BIAS, ATOMIC)
+    if COLS == 2:
+        _hg_store(accf0b, y_ptr, b_ptr, row0, offs_nb, M, N, stride_ym, split, HAS_BIAS, ATOMIC)
     if ROWS >= 2:
         _hg_store(accf1, y_ptr, b_ptr, row0 + 1, offs_n, M, N, stride_ym, split, HAS_BIAS, ATOMIC)
     if ROWS >= 4:
@@ -876,14 +918,14 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
     b = bias if bias is not None else y
     if cfg.kind == "hgemv":
         kernel = dashq_gemv_kernel
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k, 1)
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n * cfg.cols), cfg.split_k, 1)
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0), cfg.split_k)
         meta = dict(BITS=bits, GROUP=group_size, BLOCK_N=cfg.block_n, TT=max(1, cfg.block_k // k_tile(bits)),
                     ATOMIC=cfg.atomic, HAS_BIAS=bias is not None,
                     PTX=_PTX_PLATFORM and not _INTERPRET and x2.is_cuda, EVEN_K=kx == k, KT=k_tile(bits),
-                    PREFETCH=cfg.num_stages == 2, ROWS=cfg.block_m,
+                    PREFETCH=cfg.num_stages == 2, ROWS=cfg.block_m, COLS=cfg.cols,
                     # whole tiles, and fp16 group rows (read as packed pairs; other dtypes are converted)
-                    EVEN_N=n % cfg.block_n == 0 and scales.dtype == szeros.dtype == torch.float16)
+                    EVEN_N=n % (cfg.block_n * cfg.cols) == 0 and scales.dtype == szeros.dtype == torch.float16)
     elif cfg.kind == "wide":
         kernel = dashq_gemm_kernel
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0))

@@ -256,13 +256,13 @@ def test_hgemv_compiles_to_packed_half_fmas(bits, group, tt):
     loop) to the TT tiles' the loop body has. Its numbers are checked in the interpreter and on a GPU."""
     import re
 
+    from dashq_vllm.benchmarks.sass import hgemv_consts
     from dashq_vllm.kernels.triton_kernels import dashq_gemv_kernel
 
     word_loads = {}
     for prefetch in (False, True):
-        consts = dict(BITS=bits, GROUP=group, BLOCK_N=64, TT=tt, ATOMIC=True, HAS_BIAS=False, PTX=True,
-                      EVEN_K=True, KT=K.k_tile(bits), PREFETCH=prefetch, EVEN_N=True, ROWS=1)
-        ptx = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, consts).asm["ptx"]
+        ptx = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, hgemv_consts(bits, group, tt, prefetch=prefetch)
+                               ).asm["ptx"]
         # a thread of 4 warps owns 8 of the (16, 64) accumulator's packed pairs; each takes two packed FMAs
         # (v S - S, then x + acc) in each of a K tile's KT / 32 pair slots, TT tiles per flush (all unrolled)
         pairs = len(re.findall(r"fma\.rn\.f16x2", ptx))
@@ -289,6 +289,43 @@ def test_hgemv_sass_loop(bits, group, tt):
     pairs = (16 * 64 // 128) * tt * (K.k_tile(bits) // 32)  # per thread and iteration
     assert 2 * pairs <= hist["HFMA2"] + hist["HMUL2"] <= 2.5 * pairs, hist
     assert hist["FFMA"] == 0 and not {"STS", "LDS", "BAR"} & set(hist), hist
+
+
+@pytest.mark.parametrize("bits,group,tt", [(4, 128, 4), (2, 64, 2)])
+def test_hgemv_two_column_blocks_sass(bits, group, tt):
+    """cols 2 (KERNELS.md v14): each x pair a thread loads serves both column blocks, so the K loop issues fewer
+    global loads per weight (x's are most of them) and fewer instructions per weight than with one block, still
+    two HFMA2 per pair of weights and nothing through shared memory."""
+    from dashq_vllm.benchmarks.sass import disassemble, hgemv_consts, loop_histogram
+    from dashq_vllm.kernels.triton_kernels import dashq_gemv_kernel
+
+    per_weight = {}
+    for cols in (1, 2):
+        compiled = _compile_fn_sm90(dashq_gemv_kernel, torch.float16, hgemv_consts(bits, group, tt, cols=cols))
+        try:
+            hist = loop_histogram(disassemble(compiled.asm["cubin"]))
+        except (OSError, subprocess.CalledProcessError) as e:  # pragma: no cover - triton layout dependent
+            pytest.skip(f"no nvdisasm: {e!r}")
+        pairs = cols * (16 * 64 // 128) * tt * (K.k_tile(bits) // 32)  # per thread and iteration
+        assert 2 * pairs <= hist["HFMA2"] + hist["HMUL2"] <= 2.5 * pairs, (cols, hist)
+        assert not {"STS", "LDS", "BAR", "STL", "LDL"} & set(hist), (cols, hist)
+        per_weight[cols] = (hist["LDG"] / (2 * pairs), sum(hist.values()) / (2 * pairs))
+    assert per_weight[2][0] < 0.75 * per_weight[1][0] and per_weight[2][1] < 0.95 * per_weight[1][1], per_weight
+
+
+def test_fit_config_column_blocks():
+    """Two column blocks per program only on the packed-fp16 GEMV with one row of x: kept there, dropped for more
+    rows, for other kinds and where bf16 x turns hgemv into the plain GEMV; no other count than 1 or 2."""
+    from dashq_vllm.kernels.configs import KernelConfig, fit_config
+
+    def fit(cfg, dtype=torch.float16):
+        return fit_config(cfg, 4096, 128, 4, dtype).cols
+
+    assert fit(KernelConfig(1, 64, kind="hgemv", block_k=512, cols=2)) == 2
+    assert fit(KernelConfig(2, 64, kind="hgemv", block_k=512, cols=2)) == 1
+    assert fit(KernelConfig(1, 64, kind="hgemv", block_k=512, cols=2), torch.bfloat16) == 1
+    assert fit(KernelConfig(16, 64, kind="scaled", cols=2)) == 1
+    assert fit(KernelConfig(1, 64, kind="hgemv", block_k=512, cols=4)) == 1
 
 
 @pytest.mark.parametrize("dtype,half_fma", [(torch.float16, r"fma\.rn\.f16"), (torch.bfloat16, r"fma\.rn\.bf16")])
@@ -447,7 +484,8 @@ def test_heuristic_m1_low_bit_picks(bits, group):
     assert (four.kind, four.block_n, four.split_k, four.stream_k) == ("scaled", 128, 16, 0)
 
 
-# the packed-fp16 GEMV at M = 1 on the H100 (v13 sweep, benchmarks/results/kernels_v13_sweep.json): (bits, K, N) ->
+# the packed-fp16 GEMV at M = 1 on the H100 (v13 sweep, benchmarks/results/kernels_v13_sweep.json; the 70B gate_up
+# shard, K x N = 8192 x 28672, from the v14 sweeps kernels_v14_sweep.json / kernels_v14b_sweep.json): (bits, K, N) ->
 # (best hgemv config's us, {split_k: us} of the heuristic's tile: 64 wide, 4 warps, HGEMV_TILES K tiles per flush,
 # prefetched at HGEMV_PREFETCH widths)
 M1_HGEMV_H100 = {
@@ -459,6 +497,8 @@ M1_HGEMV_H100 = {
     (2, 4096, 28672): (24.9, {1: 37.1, 2: 25.6}), (2, 8192, 10240): (21.8, {2: 38.7, 4: 24.2, 8: 25.0}),
     (2, 8192, 8192): (18.5, {2: 36.4, 4: 23.0, 8: 21.3}), (2, 8192, 57344): (81.1, {1: 82.9}),
     (2, 28672, 8192): (42.8, {2: 115.4, 4: 63.4, 8: 44.4}),
+    (4, 8192, 28672): (50.0, {1: 72.4, 2: 52.7}), (3, 8192, 28672): (61.8, {1: 71.5, 2: 62.6}),
+    (2, 8192, 28672): (44.7, {1: 71.3, 2: 45.6}),
 }
 
 

@@ -97,6 +97,11 @@ else:
         "hgemv-rows2": (2, lambda dt: KernelConfig(2, 32, split_k=_split(dt), kind="hgemv")),
         "hgemv-rows4": (5, lambda dt: KernelConfig(4, 32, split_k=_split(dt), kind="hgemv", block_k=1024,
                                                    num_stages=2)),
+        # two column blocks of 16 per program (each x pair multiplied into both): N = 40 in two programs, the
+        # second's first block partly past N and its second block wholly; with the prefetch, one K range
+        "hgemv-cols2": (2, lambda dt: KernelConfig(1, 16, split_k=_split(dt), kind="hgemv", cols=2)),
+        "hgemv-cols2-prefetch": (1, lambda dt: KernelConfig(1, 16, kind="hgemv", block_k=1024, num_stages=2,
+                                                            cols=2)),
     }
 
     def _check_path(bits, group, dtype, path, k_in, seed, with_bias):
@@ -160,14 +165,16 @@ else:
         assert fit_config(KernelConfig(1, 32, kind="hgemv", block_k=2 * K.k_tile(bits)), 5 * K.k_tile(bits), 64,
                           bits, torch.float16).block_k == K.k_tile(bits)
 
+    @pytest.mark.parametrize("cols", [1, 2])
     @pytest.mark.parametrize("prefetch", [False, True])
     @pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 128), (4, 32)])
-    def test_hgemv_even_n(bits, group, prefetch):
-        """N = 64, a multiple of BLOCK_N = 32: the packed-fp16 GEMV loads words and group rows without a mask
-        (EVEN_N; the prefetch still masks the tile past a program's range), two rows, split 2, with a bias."""
-        cfg = KernelConfig(1, 32, split_k=2, kind="hgemv", num_stages=2 if prefetch else 3)
+    def test_hgemv_even_n(bits, group, prefetch, cols):
+        """N = 64, a multiple of the program's columns (BLOCK_N = 32, or two blocks of 16): the packed-fp16 GEMV
+        loads words and group rows without a mask (EVEN_N; the prefetch still masks the tile past a program's
+        range), two rows, split 2, with a bias."""
+        cfg = KernelConfig(1, 32 // cols, split_k=2, kind="hgemv", num_stages=2 if prefetch else 3, cols=cols)
         _check_config(bits, group, torch.float16, 2, cfg, 2 * K.k_tile(bits),
-                      zlib.crc32(f"evenn{bits}{group}{prefetch}".encode()), True, n=64)
+                      zlib.crc32(f"evenn{bits}{group}{prefetch}{cols}".encode()), True, n=64)
 
     @pytest.mark.parametrize("m", [1, 16, 17, 70])
     def test_triton_linear_entry_point(m):
