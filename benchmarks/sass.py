@@ -3,9 +3,9 @@ and the instruction mix of a kernel's K loop: the "compiled first" numbers of KE
 
     python -m dashq_vllm.benchmarks.sass 4:128:2 2:64:4 3:128:1 4:128:2:pf   # BITS:GROUP:TT[:pf][:bnN][:wN][:rN][:cN]
 
-prints, per hgemv config (fp16 x, 64 wide, 4 warps, one row of x unless bnN / wN / rN say otherwise; pf: the
-one-tile prefetch), the K loop's SASS instructions, their count per weight x row product a thread computes in one
-iteration, and the top opcodes.
+prints, per hgemv config (fp16 x, 64 wide, 4 warps, one row of x and one column block unless bnN / wN / rN / cN
+say otherwise; pf: the one-tile prefetch), the K loop's SASS instructions, their count per weight x row product a
+thread computes in one iteration, and the top opcodes.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
                                 hgemv_consts(bits, group, tt, block_n, "pf" in rest, rows, cols), num_warps=warps)
         hist = loop_histogram(disassemble(compiled.asm["cubin"]))
         n = sum(hist.values())
-        weights = rows * cols * tt * k_tile(bits) * block_n / (32 * warps)  # weight x row products per thread and iteration
+        weights = rows * cols * tt * k_tile(bits) * block_n / (32 * warps)  # weight x row products per thread
+        # and iteration
         top = " ".join(f"{op} {c}" for op, c in hist.most_common(10))
         print(f"hgemv {spec:16s} loop {n:5d} instructions, {n / weights:.2f} per weight; {top}")
     return 0

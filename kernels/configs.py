@@ -102,8 +102,8 @@ HALF_DQ_MIN_TILES = 4
 # ahead at HGEMV_PREFETCH widths, split-K to ~4 programs per SM: faster than the tensor-core kinds on 8B gate_up
 # and the 70B layers (H100); narrower layers (N <= 6144) need more split-K and lose; only at the swept group size
 # of each width (HGEMV_GROUP). v13 H100 sweep: within 3.5% / 4.6% / 6.3% (geometric mean; at most 7 / 11 / 15%)
-# of the best swept hgemv config at 4 / 3 / 2 bits on those layers (v12's 2 / 1 / 4 tiles, no prefetch: up to
-# 14 / 24 / 43% slower)
+# of the best swept hgemv config at 4 / 3 / 2 bits on the eight 8B/70B layers (4.0 / 4.3 / 6.9% on the five of
+# them with N >= HGEMV_MIN_N; v12's 2 / 1 / 4 tiles, no prefetch: up to 14 / 24 / 43% slower)
 HGEMV_MIN_N = 8192
 HGEMV_ROWS = (1, 2, 4)  # rows of x an "hgemv" program may take (block_m; v13: each weight pair dequantized once)
 HGEMV_TILES = {2: 2, 3: 4, 4: 4}

@@ -642,14 +642,16 @@ def dashq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KX, st
     """y[M, N] (+)= x[M, :KX] @ W[:K, N], fp16 x, on the CUDA cores in packed fp16 (see the section comment).
     PREFETCH: each K tile's words are loaded one tile ahead (in registers), so a program keeps a load in flight
     while it computes.
-    grid = (cdiv(M, ROWS) * N tiles, SPLIT_K): ROWS rows of x (1, 2 or 4; each weight pair is dequantized once and
-    multiplied into every row's accumulator) and COLS * BLOCK_N outputs per program (row blocks of one tile
-    adjacent, so they share its words in L2; COLS = 2 with ROWS = 1 only: two adjacent column blocks, each pair of
-    x multiplied into both, so a thread loads each x pair for twice as many weights), SPLIT_K balanced ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC:
-    partial sums are atomically added into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in
-    float32/float64. EVEN_N: BLOCK_N divides N and the group rows are fp16 (launch() sets it only then), so the word
-    and group loads need no mask (the prefetch's still do: it masks the tile past a program's range) and the group
+    grid = (cdiv(M, ROWS) * cdiv(N, COLS * BLOCK_N), SPLIT_K): ROWS rows of x (1, 2 or 4; each weight pair is
+    dequantized once and multiplied into every row's accumulator) and COLS * BLOCK_N outputs per program (row
+    blocks of one tile adjacent, so they share its words in L2; COLS = 2 with ROWS = 1 only: two adjacent column
+    blocks, each pair of x multiplied into both, so a thread loads each x pair for twice as many weights), SPLIT_K
+    balanced ranges of super tiles of TT K tiles (TT divides K / KT); ATOMIC: partial sums are atomically added
+    into the zero-filled y. 2/3/4 bits; PTX: inline PTX (CUDA), else emulated in float32/float64. EVEN_N: COLS *
+    BLOCK_N divides N and the group rows are fp16 (launch() sets it only then, hgemv_even_n), so the word and
+    group loads need no mask (the prefetch's still do: it masks the tile past a program's range) and the group
     rows are read as packed column pairs (_hg_group_pairs)."""
+    tl.static_assert(COLS == 1 or (COLS == 2 and ROWS == 1), "two column blocks per program only with one row")
     NP: tl.constexpr = KT // 32  # pairs per word row and K tile: slots j and j + NP (3 bits: of both 2-bit blocks)
     HALF: tl.constexpr = KT // 2  # k between the two halves of a pair
     CPG: tl.constexpr = GROUP // 16  # slots per group
@@ -899,6 +901,12 @@ def _mode(cfg: KernelConfig) -> int:
     return MODES[cfg.kind]
 
 
+def hgemv_even_n(n: int, cfg: KernelConfig, scales_dtype: torch.dtype, szeros_dtype: torch.dtype) -> bool:
+    """The hgemv kernel's EVEN_N: its programs' columns (cols blocks of block_n) divide N, so no load is masked,
+    and the group rows are fp16, so they can be read as packed column pairs (other dtypes are converted)."""
+    return n % (cfg.block_n * cfg.cols) == 0 and scales_dtype == szeros_dtype == torch.float16
+
+
 def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: int, k: int,
            cfg: KernelConfig) -> None:
     """Launch on 2-D x2 (M, KX) into y (M, n): y must be zero-filled when cfg.atomic.
@@ -924,8 +932,7 @@ def launch(x2, qweight, scales, szeros, bias, y, bits: int, group_size: int, n: 
                     ATOMIC=cfg.atomic, HAS_BIAS=bias is not None,
                     PTX=_PTX_PLATFORM and not _INTERPRET and x2.is_cuda, EVEN_K=kx == k, KT=k_tile(bits),
                     PREFETCH=cfg.num_stages == 2, ROWS=cfg.block_m, COLS=cfg.cols,
-                    # whole tiles, and fp16 group rows (read as packed pairs; other dtypes are converted)
-                    EVEN_N=n % (cfg.block_n * cfg.cols) == 0 and scales.dtype == szeros.dtype == torch.float16)
+                    EVEN_N=hgemv_even_n(n, cfg, scales.dtype, szeros.dtype))
     elif cfg.kind == "wide":
         kernel = dashq_gemm_kernel
         args = (x2, qweight, scales, szeros, b, y, m, n, k, kx, x2.stride(0), y.stride(0))

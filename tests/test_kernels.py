@@ -313,6 +313,20 @@ def test_hgemv_two_column_blocks_sass(bits, group, tt):
     assert per_weight[2][0] < 0.75 * per_weight[1][0] and per_weight[2][1] < 0.95 * per_weight[1][1], per_weight
 
 
+def test_hgemv_even_n_counts_the_program_columns():
+    """EVEN_N (no masked loads) only where a program's columns (cols x block_n) divide N: N = 48 divides by one
+    16-wide block but not by two, where the last program's second block lies past N; and only for fp16 group
+    rows (read as packed pairs)."""
+    from dashq_vllm.kernels.configs import KernelConfig
+    from dashq_vllm.kernels.triton_kernels import hgemv_even_n
+
+    one, two = KernelConfig(1, 16, kind="hgemv"), KernelConfig(1, 16, kind="hgemv", cols=2)
+    f16, bf16 = torch.float16, torch.bfloat16
+    assert hgemv_even_n(48, one, f16, f16) and not hgemv_even_n(48, two, f16, f16)
+    assert hgemv_even_n(64, two, f16, f16) and not hgemv_even_n(64, two, bf16, bf16)
+    assert not hgemv_even_n(64, two, f16, torch.float32)
+
+
 def test_fit_config_column_blocks():
     """Two column blocks per program only on the packed-fp16 GEMV with one row of x: kept there, dropped for more
     rows, for other kinds and where bf16 x turns hgemv into the plain GEMV; no other count than 1 or 2."""

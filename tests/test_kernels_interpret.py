@@ -53,7 +53,7 @@ else:
 
     from dashq_vllm import kernels as K
     from dashq_vllm.kernels.configs import KernelConfig
-    from dashq_vllm.kernels.triton_kernels import launch, triton_linear
+    from dashq_vllm.kernels.triton_kernels import dashq_gemv_kernel, launch, triton_linear
 
     from test_kernels import dense_reference, random_module, rel_err
 
@@ -175,6 +175,19 @@ else:
         cfg = KernelConfig(1, 32 // cols, split_k=2, kind="hgemv", num_stages=2 if prefetch else 3, cols=cols)
         _check_config(bits, group, torch.float16, 2, cfg, 2 * K.k_tile(bits),
                       zlib.crc32(f"evenn{bits}{group}{prefetch}{cols}".encode()), True, n=64)
+
+    def test_hgemv_two_column_blocks_need_one_row():
+        """The kernel refuses two column blocks with several rows of x (rows 1-3 of the second block would not be
+        stored); fit_config never asks for it."""
+        spec, t = random_module(4, 128, 32, 128, 7)
+        kw = K.repack(t["W_q_packed"], t["scale"], t["zero"], spec, torch.float16)
+        x = torch.randn(2, 128).to(torch.float16)
+        y = torch.zeros(2, 32, dtype=torch.float16)
+        meta = dict(BITS=4, GROUP=128, BLOCK_N=16, TT=1, ATOMIC=False, HAS_BIAS=False, PTX=False, EVEN_K=True,
+                    KT=K.k_tile(4), PREFETCH=False, EVEN_N=True, ROWS=2, COLS=2)
+        with pytest.raises(Exception, match="one row"):
+            dashq_gemv_kernel[(1, 1, 1)](x, kw.qweight, kw.scales, kw.szeros, y, y, 2, 32, kw.k, 128, x.stride(0),
+                                         y.stride(0), 1, **meta)
 
     @pytest.mark.parametrize("m", [1, 16, 17, 70])
     def test_triton_linear_entry_point(m):
