@@ -841,19 +841,23 @@ def run_single(dev, shape, bits, group, m, cfg=None):
 
 
 def plot(json_path, png_path):
-    """Speedup over fp16 cuBLAS vs M, one panel per shape (graph replays at M <= 16 where timed)."""
+    """Speedup over fp16 cuBLAS vs M, one panel per shape (graph replays where timed); with a Machete column, a
+    second row: the 4-bit kernel's speedup over vLLM's Machete on the same shape (graph replays where timed).
+    json_path: one results JSON, or several joined by commas (their bench rows together, e.g. two M ranges)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = json.loads(Path(json_path).read_text())["bench"]
+    rows = [r for path in str(json_path).split(",") for r in json.loads(Path(path).read_text()).get("bench", [])]
     names = [s[2] for s in SHAPES if any(r["shape"] == s[2] for r in rows)]  # a --quick run has three
     if not names:
         raise ValueError(f"{json_path}: its bench section has none of the shapes {[s[2] for s in SHAPES]}")
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), sharey=True, squeeze=False)
-    axes = axes[0]
-    for ax, name in zip(axes, names):
+    machete = any("vs_machete" in r for r in rows)
+    fig, axes = plt.subplots(2 if machete else 1, len(names), figsize=(4 * len(names), 7 if machete else 3.6),
+                             sharey="row", squeeze=False)
+    for col, name in enumerate(names):
+        ax = axes[0][col]
         for bits, group in BIT_CONFIGS:
             sel = sorted((r for r in rows if r["shape"] == name and r["bits"] == bits), key=lambda r: r["m"])
             ms = [r["m"] for r in sel]
@@ -865,8 +869,19 @@ def plot(json_path, png_path):
         ax.set_xscale("log", base=2)
         ax.set_title(name)
         ax.set_xlabel("M (tokens)")
-    axes[0].set_ylabel("speedup over fp16 F.linear")
-    axes[-1].legend(fontsize=7)
+        if machete:
+            ax = axes[1][col]
+            sel = sorted((r for r in rows if r["shape"] == name and "vs_machete" in r), key=lambda r: r["m"])
+            ax.plot([r["m"] for r in sel], [r.get("graph_vs_machete", r["vs_machete"]) for r in sel], marker="o",
+                    color="C3", label="4b: Machete time / ours (graph where timed)")
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("M (tokens)")
+    axes[0][0].set_ylabel("speedup over fp16 F.linear")
+    axes[0][-1].legend(fontsize=7)
+    if machete:
+        axes[1][0].set_ylabel("speedup over vLLM Machete (4 bits)")
+        axes[1][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 
@@ -919,7 +934,8 @@ def main():
                     help="with --single: KernelConfig fields as JSON instead of the pick")
     ap.add_argument("--check-paths", default="", help="only these check paths (names as in the log, e.g. "
                     "default-m1,decode-dot-half)")
-    ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a results JSON (CPU)")
+    ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"),
+                    help="plot a results JSON, or several joined by commas (CPU)")
     args = ap.parse_args()
     if args.plot:
         plot(*args.plot)
