@@ -543,3 +543,26 @@ def test_bench_kernels_plot(work):
     run([PY, "benchmarks/bench_kernels.py", "--plot", str(results[-1]), str(png)], timeout=120,
         log=work / "logs" / "bench_kernels-plot.log")
     _png(png)
+
+
+def test_bench_kernels_plot_machete_row(tmp_path):
+    """--plot on two JSONs joined by a comma (two M ranges of one run): their rows together, and a second row of
+    panels (the 4-bit speedup over Machete) only when the rows have a Machete column."""
+    from dashq_vllm.benchmarks import bench_kernels as B
+
+    res = ROOT / "benchmarks" / "results"
+    a, b = res / "kernels_h100_full_a_bench.json", res / "kernels_h100_full_b_bench.json"
+
+    def height(png: Path) -> int:
+        _png(png)
+        return int.from_bytes(png.read_bytes()[20:24], "big")  # IHDR height
+
+    both, single = tmp_path / "both.png", tmp_path / "single.png"
+    B.plot(f"{a},{b}", both)
+    no_machete = tmp_path / "no_machete.json"
+    rows = [{k: v for k, v in r.items() if "machete" not in k} for r in json.loads(a.read_text())["bench"]]
+    no_machete.write_text(json.dumps({"bench": rows}))
+    B.plot(str(no_machete), single)
+    assert height(both) > 1.8 * height(single)
+    with pytest.raises(FileNotFoundError):
+        B.plot(f"{a},{tmp_path / 'missing.json'}", tmp_path / "x.png")
