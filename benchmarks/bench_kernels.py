@@ -840,6 +840,13 @@ def run_single(dev, shape, bits, group, m, cfg=None):
     torch.cuda.synchronize()
 
 
+def _m_axis(ax):
+    """A speedup panel's axes: M on a log2 scale, a line at 1 (parity)."""
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+
+
 def plot(json_path, png_path):
     """Speedup over fp16 cuBLAS vs M, one panel per shape (graph replays where timed); with a Machete column, a
     second row: the 4-bit kernel's speedup over vLLM's Machete on the same shape (graph replays where timed).
@@ -865,18 +872,14 @@ def plot(json_path, png_path):
             gs = [(r["m"], r["graph_speedup"]) for r in sel if "graph_speedup" in r]
             if gs:
                 ax.plot(*zip(*gs), linestyle="--", marker="x", label=f"{bits}b g{group} CUDA graph")
-        ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set_xscale("log", base=2)
+        _m_axis(ax)
         ax.set_title(name)
-        ax.set_xlabel("M (tokens)")
         if machete:
             ax = axes[1][col]
             sel = sorted((r for r in rows if r["shape"] == name and "vs_machete" in r), key=lambda r: r["m"])
             ax.plot([r["m"] for r in sel], [r.get("graph_vs_machete", r["vs_machete"]) for r in sel], marker="o",
                     color="C3", label="4b: Machete time / ours (graph where timed)")
-            ax.axhline(1.0, color="gray", linewidth=0.8)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("M (tokens)")
+            _m_axis(ax)
     axes[0][0].set_ylabel("speedup over fp16 F.linear")
     axes[0][-1].legend(fontsize=7)
     if machete:
